@@ -1,0 +1,306 @@
+"""Model presets and loading.
+
+* ``tiny``: a complete FluxPipeline with seeded random weights, built offline and saved with
+  ``save_pretrained``. Every caller then loads it back through ``FluxPipeline.from_pretrained``,
+  the same code path a user with real FLUX weights takes.
+* ``flux1-dev`` / ``flux1-schnell``: the real FLUX.1 shapes with random bf16 weights, built
+  directly on the target device (nothing is allocated on the CPU first). Speed and memory do
+  not depend on weight values, so these stand in for the real checkpoints in GPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+# FLUX's autoencoder latent layout: 16 channels, (x - shift) * scale before the transformer.
+FLUX_VAE_SHIFT = 0.1159
+FLUX_VAE_SCALE = 0.3611
+
+FLUX1_DEV_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+    guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+# Tiny keeps what matters to the code paths: 16 latent channels packed 2x2 (in_channels 64),
+# 3-axis RoPE whose dims sum to the head dim, guidance embedding, both block kinds.
+TINY_TRANSFORMER = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=16,
+    num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+    guidance_embeds=True, axes_dims_rope=(4, 6, 6),
+)
+PRESETS = {
+    "tiny": TINY_TRANSFORMER,
+    "flux1-dev": FLUX1_DEV_TRANSFORMER,
+    "flux1-schnell": {**FLUX1_DEV_TRANSFORMER, "guidance_embeds": False},
+}
+
+# FlowMatchEulerDiscreteScheduler as FLUX.1-dev ships it (schnell: no dynamic shift, shift 1).
+FLUX_DEV_SCHEDULER = dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5,
+    max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+)
+FLUX_SCHNELL_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False)
+
+TINY_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=16,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, sample_size=64,
+    scaling_factor=FLUX_VAE_SCALE, shift_factor=FLUX_VAE_SHIFT,
+    use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True,
+)
+FLUX_VAE = dict(TINY_VAE, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                norm_num_groups=32, sample_size=1024)
+
+TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=77, projection_dim=32)
+TINY_T5 = dict(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
+               feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True)
+FLUX_CLIP = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                 max_position_embeddings=77, projection_dim=768, vocab_size=49408)
+FLUX_T5 = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, vocab_size=32128,
+               relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new",
+               is_gated_act=True)
+
+T5_MAX_LENGTH = 512
+PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+class ModelLayoutError(FileNotFoundError):
+    """The path does not hold a diffusers FLUX pipeline layout."""
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """fp32 on the CPU (bf16 matmuls there are slow and lossy), bf16 where the GPU supports it."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+# --- transformers at real or tiny shape ------------------------------------------------------
+def build_transformer(preset: str = "tiny", device: str | torch.device = "cpu",
+                      dtype: torch.dtype | None = None, seed: int = 0):
+    """A FluxTransformer2DModel of a preset's shape with seeded random weights.
+
+    Parameters are created directly on `device` in `dtype` (torch's device and default-dtype
+    context managers), so an 11.9 B model never touches host memory.
+    """
+    from diffusers import FluxTransformer2DModel
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    dtype = dtype or default_dtype(device)
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        model = FluxTransformer2DModel(**PRESETS[preset])
+    return model.eval()
+
+
+def param_count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --- offline tokenizers -----------------------------------------------------------------------
+def _corpus() -> list[str]:
+    text = resources.files("fluxlab").joinpath("assets/tokenizer_corpus.txt").read_text("utf-8")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def train_tokenizers(vocab_clip: int = 512, vocab_t5: int = 256):
+    """Train a CLIP-style BPE and a T5-style unigram tokenizer on the shipped caption corpus.
+
+    `tokenizers` training is not bit-reproducible (hash-map order, parallel float sums), so this
+    ran once (`python -m fluxlab.models retrain-tokenizers`) and its output ships in
+    assets/tokenizers/; builds copy those files, which keeps two builds byte-identical.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    corpus = _corpus()
+    bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
+    bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
+    # Split on whitespace first so merges never carry a space marker, as CLIP's own vocab.
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=vocab_clip, special_tokens=["<|startoftext|>", "<|endoftext|>"], end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    bpe_model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split()) for m in bpe_model["merges"]]
+    clip_tok = CLIPTokenizer(vocab=bpe_model["vocab"], merges=merges, model_max_length=77)
+
+    uni = Tokenizer(models.Unigram())
+    uni.normalizer = normalizers.NFKC()
+    uni.pre_tokenizer = pre_tokenizers.Metaspace()
+    uni.train_from_iterator(corpus, trainers.UnigramTrainer(
+        vocab_size=vocab_t5, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>", show_progress=False))
+    pieces = [tuple(p) for p in json.loads(uni.to_str())["model"]["vocab"]]
+    t5_tok = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=T5_MAX_LENGTH)
+    return clip_tok, t5_tok
+
+
+TOKENIZER_ASSETS = "assets/tokenizers"
+
+
+def load_tokenizers():
+    """The shipped, pre-trained tiny tokenizers (see train_tokenizers)."""
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    root = Path(str(resources.files("fluxlab").joinpath(TOKENIZER_ASSETS)))
+    return CLIPTokenizer.from_pretrained(root / "clip"), T5TokenizerFast.from_pretrained(root / "t5")
+
+
+# --- whole pipelines ---------------------------------------------------------------------------
+def _text_encoders(clip_cfg: dict, t5_cfg: dict, clip_vocab: int, t5_vocab: int):
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(CLIPTextConfig(**{"vocab_size": clip_vocab, **clip_cfg},
+                                        bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    t5 = T5EncoderModel(T5Config(**{"vocab_size": t5_vocab, **t5_cfg}, pad_token_id=0, eos_token_id=1,
+                                 decoder_start_token_id=0))
+    return clip.eval(), t5.eval()
+
+
+def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny FluxPipeline with seeded weights and save it to `path` (atomically).
+
+    Deterministic: the same seed gives byte-identical files.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    path = Path(path)
+    clip_tok, t5_tok = load_tokenizers()
+    torch.manual_seed(seed)
+    with _default_dtype(torch.float32):
+        transformer = build_transformer("tiny", "cpu", torch.float32, seed=seed)
+        vae = AutoencoderKL(**TINY_VAE).eval()
+        clip, t5 = _text_encoders(TINY_CLIP, TINY_T5, len(clip_tok), len(t5_tok))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae,
+                        text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
+                        transformer=transformer)
+    # Write beside the target, then rename: an interrupted build never leaves a half pipeline.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def tiny_pipeline_path(seed: int = 0) -> Path:
+    """Where the tiny preset lives: built once, then always loaded from disk."""
+    home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
+    path = home / f"tiny-seed{seed}"
+    if not (path / "model_index.json").exists():
+        build_tiny_pipeline(path, seed=seed)
+    return path
+
+
+def check_flux_layout(path: str | os.PathLike) -> Path:
+    """Raise ModelLayoutError naming what is missing when `path` is not a diffusers FLUX pipeline."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLayoutError(f"{path}: no such directory. Pass a preset ({', '.join(PRESETS)}) "
+                               f"or a folder saved with FluxPipeline.save_pretrained.")
+    index = path / "model_index.json"
+    if not index.exists():
+        raise ModelLayoutError(f"{path}: no model_index.json, so this is not a diffusers pipeline folder. "
+                               f"Point at the folder that holds model_index.json (e.g. a FLUX.1-dev snapshot).")
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "")
+    except json.JSONDecodeError as e:
+        raise ModelLayoutError(f"{index}: not valid JSON ({e}); re-download or rebuild the pipeline.") from e
+    if "Flux" not in cls:
+        raise ModelLayoutError(f"{index}: pipeline class is {cls!r}, not a FLUX pipeline.")
+    missing = [p for p in PIPELINE_PARTS if not (path / p).is_dir()]
+    if missing:
+        raise ModelLayoutError(f"{path}: missing component folder(s) {', '.join(missing)}; "
+                               f"a FLUX pipeline needs {', '.join(PIPELINE_PARTS)}.")
+    return path
+
+
+def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype | None = None, seed: int = 0):
+    """A real-shape FluxPipeline with random weights built on `device` (GPU benchmarks).
+
+    Tokenizers are the tiny offline ones: ids stay inside the real vocab sizes.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    dtype = dtype or default_dtype(device)
+    clip_tok, t5_tok = load_tokenizers()
+    transformer = build_transformer(preset, device, dtype, seed=seed)
+    with torch.device(device), _default_dtype(dtype):
+        vae = AutoencoderKL(**FLUX_VAE).eval()
+        clip, t5 = _text_encoders(FLUX_CLIP, FLUX_T5, FLUX_CLIP["vocab_size"], FLUX_T5["vocab_size"])
+    sched = FLUX_SCHNELL_SCHEDULER if preset == "flux1-schnell" else FLUX_DEV_SCHEDULER
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**sched), vae=vae, text_encoder=clip,
+                        tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+
+
+def load_pipeline(path_or_preset: str | os.PathLike = "tiny", device: str | torch.device | None = None,
+                  dtype: torch.dtype | None = None, seed: int = 0):
+    """Load a FluxPipeline: `tiny` (built offline once), a real-shape preset, or a local folder.
+
+    Folders load with `FluxPipeline.from_pretrained(..., local_files_only=True)`, the same call a
+    user with real weights makes.
+    """
+    from diffusers import FluxPipeline
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    name = str(path_or_preset)
+    if name in ("flux1-dev", "flux1-schnell"):
+        return build_pipeline(name, device, dtype, seed=seed)
+    path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
+    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    return pipe.to(device)
+
+
+def generate_image(model: str, prompt: str, *, steps: int = 4, size: int = 64, seed: int = 0,
+                   device: str | None = None, out: str | os.PathLike = "runs/generate.png") -> Path:
+    """One short generation, saved as PNG (the demo's end-to-end check)."""
+    pipe = load_pipeline(model, device=device)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    image = pipe(prompt, height=size, width=size, num_inference_steps=steps, generator=gen,
+                 max_sequence_length=64).images[0]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["retrain-tokenizers"]:
+        out = Path(__file__).parent / TOKENIZER_ASSETS
+        clip_tok, t5_tok = train_tokenizers()
+        clip_tok.save_pretrained(out / "clip")
+        t5_tok.save_pretrained(out / "t5")
+        print(f"tokenizers written to {out}")
