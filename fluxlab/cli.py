@@ -82,6 +82,8 @@ def _add_data(sub) -> None:
     b.add_argument("--n", type=int, default=64)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--size", type=int, default=64)
+    b.add_argument("--aspect-every", type=int, default=0, metavar="K",
+                   help="make every K-th image 2:3 or 3:2 to exercise aspect buckets (0: all square)")
     v = s.add_parser("validate", help="check image/caption pairs and report statistics")
     v.add_argument("dir")
     v.add_argument("--json", action="store_true", help="print the report as JSON")

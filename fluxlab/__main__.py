@@ -1,0 +1,5 @@
+import sys
+
+from fluxlab.cli import main
+
+sys.exit(main())

@@ -1,0 +1,188 @@
+"""Attention for FLUX: the fastest SDPA backend that works, and proof of which kernel ran.
+
+Why cuDNN's backward fails inside FLUX training (torch 2.11+cu130, H100 and H200)
+-------------------------------------------------------------------------------
+FLUX's single-stream block computes ``proj_out(torch.cat([attn_output, mlp_hidden], dim=2))``.
+Autograd therefore hands SDPA's backward a ``grad_out`` that is a *slice* of the gradient of the
+concatenation: logically ``[B, S, H*D]`` but with row stride ``H*D + mlp_dim`` (3072 + 12288 =
+15360 at FLUX.1 width), viewed as ``[B, H, S, D]`` with strides ``(S*15360, 128, 15360, 1)``.
+Flash and mem-efficient attention copy such a grad to a dense layout; the cuDNN path builds its
+backward graph for that stride without doing so, and the fused kernel then reads/writes out
+of bounds (``mha_graph.execute(...).is_good()`` false under CUDA_LAUNCH_BLOCKING, an illegal
+memory access otherwise). Isolated tests never produce this stride: contiguous and transposed
+grads, and differently strided *inputs*, are all dense in the sequence dimension, so they pass.
+Forcing q/k/v contiguous does not help because the culprit is grad_out, not the inputs.
+``benchmarks/cudnn_probe.py`` reproduces it in isolation with exactly that stride, shows that
+``grad.contiguous()`` fixes it, and runs a full FLUX.1-dev LoRA step through the fix; its
+committed output is in ``benchmarks/results/``.
+
+The fix here: on the cuDNN path the attention output passes through ``_DenseGrad``, an identity
+whose backward makes the incoming gradient contiguous (one 28 MB copy per layer at 1024², far
+cheaper than falling back to flash). Every choice is counted and every fallback records why.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("cudnn", "flash", "efficient", "math")
+_counts: Counter = Counter()
+_fallbacks: dict[str, str] = {}
+
+
+def counters() -> dict[str, int]:
+    """How many attention calls each backend served (``attention.<backend>``)."""
+    return {f"attention.{k}": v for k, v in _counts.items()}
+
+
+def fallbacks() -> dict[str, str]:
+    """Why a requested backend was not used, keyed by the requested backend."""
+    return dict(_fallbacks)
+
+
+def reset_counters() -> None:
+    _counts.clear()
+    _fallbacks.clear()
+
+
+def _sdp_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
+
+
+def resolve(backend: str, query: torch.Tensor) -> str:
+    """Pick the backend for these inputs. ``auto`` prefers cuDNN (fastest on Hopper), then flash.
+
+    A requested backend the inputs cannot use falls back to the next, and the reason is kept.
+    """
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"attention_backend {backend!r}: choose auto or one of {', '.join(BACKENDS)}")
+    order = list(BACKENDS) if backend == "auto" else [backend, *[b for b in BACKENDS if b != backend]]
+    for name in order:
+        reason = _unsupported(name, query)
+        if reason is None:
+            return name
+        if name == backend:
+            _fallbacks[backend] = reason
+    return "math"
+
+
+def _unsupported(name: str, q: torch.Tensor) -> str | None:
+    if name == "math":
+        return None
+    if q.device.type != "cuda":
+        return f"{name} needs a CUDA device, got {q.device.type}"
+    if name in ("cudnn", "flash") and q.dtype not in (torch.float16, torch.bfloat16):
+        return f"{name} needs fp16/bf16, got {q.dtype}"
+    if name == "cudnn":
+        if torch.cuda.get_device_capability(q.device) < (9, 0):
+            return "cuDNN attention is only fast on sm90+ here"
+        if q.shape[-1] > 128:
+            return f"cuDNN attention head_dim {q.shape[-1]} > 128"
+    return None
+
+
+class _DenseGrad(torch.autograd.Function):
+    """Identity forward; backward hands on a contiguous gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """Scaled dot-product attention on diffusers' layout. q, k, v: [B, S, H, D] -> [B, S, H, D]."""
+    chosen = resolve(backend, query)
+    q, k, v = (x.transpose(1, 2) for x in (query, key, value))      # [B, H, S, D]
+    if query.device.type == "cuda":
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel([_sdp_backend(chosen)]):
+            out = F.scaled_dot_product_attention(q, k, v)           # [B, H, S, D]
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
+    out = out.transpose(1, 2)                                         # [B, S, H, D]
+    if chosen == "cudnn" and out.requires_grad:
+        out = _DenseGrad.apply(out)
+    _counts[chosen] += 1
+    return out
+
+
+class FluxlabAttnProcessor:
+    """FLUX attention through :func:`sdpa`.
+
+    Adapted from diffusers 0.42.1 ``FluxAttnProcessor``: same projections, RMS norms and RoPE
+    (diffusers' own helpers), only the attention call differs.
+    """
+
+    def __init__(self, backend: str = "auto"):
+        self.backend = backend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise NotImplementedError("FluxlabAttnProcessor does not take an attention mask")
+        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))       # [B, S_img, H, D]
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if attn.added_kv_proj_dim is not None:
+            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))  # [B, S_txt, H, D]
+            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
+            q, k, v = (torch.cat(p, dim=1) for p in ((eq, q), (ek, k), (ev, v)))   # [B, S, H, D]
+        if image_rotary_emb is not None:
+            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
+            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+        out = sdpa(q, k, v, self.backend).flatten(2, 3).to(q.dtype)                # [B, S, H*D]
+        if encoder_hidden_states is None:
+            return out
+        s_txt = encoder_hidden_states.shape[1]
+        ctx, out = out.split_with_sizes([s_txt, out.shape[1] - s_txt], dim=1)
+        out = attn.to_out[1](attn.to_out[0](out.contiguous()))
+        return out, attn.to_add_out(ctx.contiguous())
+
+
+def install(transformer, backend: str = "auto") -> int:
+    """Route every FLUX attention module of `transformer` through :func:`sdpa`. Returns the count."""
+    from diffusers.models.transformers.transformer_flux import FluxAttention
+
+    resolve(backend, torch.empty(0))  # validates the name up front
+    mods = [m for m in transformer.modules() if isinstance(m, FluxAttention)]
+    for m in mods:
+        m.set_processor(FluxlabAttnProcessor(backend))
+    return len(mods)
+
+
+def classify_kernels(names) -> set[str]:
+    """Which attention backends a list of profiler kernel names shows."""
+    seen = set()
+    for n in names:
+        low = n.lower()
+        if "cudnn" in low or "sdpa_sm" in low or "fmha_sm9" in low:
+            seen.add("cudnn")
+        elif "flash" in low:
+            seen.add("flash")
+        elif "fmha" in low or "cutlass" in low and "attention" in low or "efficient_attention" in low:
+            seen.add("efficient")
+    return seen
+
+
+def kernel_names(fn, *args, **kwargs) -> list[str]:
+    """Run ``fn`` under torch.profiler and return the CUDA kernel names it launched."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn(*args, **kwargs)
+        torch.cuda.synchronize()
+    return sorted({e.name for e in prof.events() if e.device_type.name == "CUDA"})

@@ -1,0 +1,506 @@
+"""Content-addressed caches for training: VAE latents, text embeddings, position ids.
+
+Every disk entry is keyed on *content*, never on a file name or an index: the SHA-256 of the
+inputs (image bytes / caption text), the identity of the model that produced it (config +
+weights hash) and every preprocessing choice. So a changed image, caption, VAE, encoder or
+preprocessing always misses and an unchanged one always hits, whatever the file is called.
+
+Layout under `cache_dir`::
+
+    latent/<key[:2]>/<key>.safetensors   mean, logvar            [16, H/8, W/8] fp32
+    text/<key[:2]>/<key>.safetensors     prompt_embeds, pooled   [S, D], [D_pool] (encoder dtype)
+    last_build.json                      counters of the last `fluxlab cache build`
+
+Each entry's safetensors metadata carries its key and the SHA-256 of its tensor bytes, so a
+flipped byte or a truncated file is detected on read (treated as a miss, evicted, recomputed)
+and by `verify_cache`. Writes go to a temp file in the same folder, fsync, then os.replace:
+two processes filling the same entry each publish a whole file, and the last rename wins.
+
+Cost of identities: the model hash reads every weight once per cache object (sha256 runs at
+~1-2 GB/s; the FLUX VAE (~170 MB fp32) is well under a second, T5-XXL (~9.5 GB bf16) several
+seconds). It is paid once at start-up, never per look-up.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Bump when the entry format or the key recipe changes: old entries then simply miss.
+FORMAT_VERSION = 1
+ENTRY_SUFFIX = ".safetensors"
+KINDS = ("latent", "text")
+STALE_TEMP_S = 3600  # a temp file this old belongs to a dead writer
+
+
+# --- hashing ------------------------------------------------------------------------------------
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview:
+    """Raw bytes of a tensor (any dtype, bf16 included) without a dtype conversion."""
+    t = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(t.view(torch.uint8).numpy())
+
+
+# Config keys that name where or how a model was loaded, not what it computes. The dtype is
+# left out here because the weight bytes already carry it.
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "dtype", "torch_dtype", "architectures"}
+
+
+def _model_config(module: torch.nn.Module) -> dict:
+    cfg = getattr(module, "config", None)
+    if cfg is None:
+        return {}
+    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
+    return {k: v for k, v in cfg.items() if not k.startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+
+
+def module_identity(module: torch.nn.Module) -> str:
+    """SHA-256 of a model's class, config and every weight's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(type(module).__name__.encode())
+    h.update(json.dumps(_model_config(module), sort_keys=True, default=str).encode())
+    for name, t in sorted(module.state_dict().items()):
+        if t.device.type == "meta":
+            raise ValueError(f"cannot hash {type(module).__name__}.{name}: its weights are on the meta "
+                             f"device (offloaded?); load the model fully before building caches.")
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def tokenizer_identity(tok) -> str:
+    """SHA-256 of everything that decides a tokenizer's ids: vocab, merges, normalizer, specials."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return _sha256_json({"class": type(tok).__name__, "spec": spec,
+                         "specials": list(getattr(tok, "all_special_tokens", [])),
+                         "model_max_length": getattr(tok, "model_max_length", None),
+                         "padding_side": getattr(tok, "padding_side", None)})
+
+
+def _payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name]
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+# --- atomic file writes -------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # The rename is durable only once the directory entry is on disk (POSIX; Windows can't open dirs).
+    if sys.platform == "win32":
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- one entry on disk --------------------------------------------------------------------------
+class CorruptEntry(ValueError):
+    """A cache file that does not parse or whose tensors do not match their recorded hash."""
+
+
+def _encode_entry(key: str, tensors: dict[str, torch.Tensor], info: dict[str, str]) -> bytes:
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    meta = {**info, "key": key, "format": str(FORMAT_VERSION), "sha256": _payload_sha256(tensors)}
+    return save(tensors, metadata=meta)
+
+
+def read_entry(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """Load one entry and check it: parses, key matches its name, tensor bytes match their hash.
+
+    Raises CorruptEntry (naming the file) on any mismatch, FileNotFoundError when absent.
+    """
+    from safetensors.torch import load
+
+    data = Path(path).read_bytes()
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        tensors = load(data)
+    except Exception as e:  # struct/json/safetensors all signal a damaged file differently
+        raise CorruptEntry(f"{path}: unreadable cache entry ({type(e).__name__}: {e}); "
+                           f"run `fluxlab cache verify` to evict it") from e
+    want_key = key or Path(path).name.removesuffix(ENTRY_SUFFIX)
+    if meta.get("key") != want_key:
+        raise CorruptEntry(f"{path}: entry records key {meta.get('key')!r}, not its file name; "
+                           f"run `fluxlab cache verify` to evict it")
+    if meta.get("sha256") != _payload_sha256(tensors):
+        raise CorruptEntry(f"{path}: tensor bytes do not match the recorded SHA-256; "
+                           f"run `fluxlab cache verify` to evict it")
+    return tensors
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --- the shared content-addressed store ---------------------------------------------------------
+class ContentCache:
+    """Base of LatentCache and TextEmbeddingCache: memory dict over content-addressed files.
+
+    Counters (since `reset_stats`): `hits` (memory or disk), `misses` (computed), `bytes` (size
+    of the distinct entries behind those look-ups: the working set's footprint).
+    """
+
+    kind: str = ""
+
+    def __init__(self, cache_dir: str | os.PathLike, *, memory: bool = True):
+        self.root = Path(cache_dir) / self.kind
+        self.memory = memory
+        self._mem: dict[str, dict[str, torch.Tensor]] = {}
+        self.corrupt_evicted: list[str] = []
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = 0
+        self._seen: dict[str, int] = {}
+
+    def stats(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "bytes": sum(self._seen.values())}
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}{ENTRY_SUFFIX}"
+
+    def _lookup(self, key: str, compute: Callable[[], dict[str, torch.Tensor]],
+                info: dict[str, str]) -> dict[str, torch.Tensor]:
+        tensors = self._mem.get(key)
+        if tensors is None:
+            tensors = self._read(key)
+        if tensors is not None:
+            self.hits += 1
+        else:
+            self.misses += 1
+            tensors = {k: v.detach().to("cpu") for k, v in compute().items()}
+            atomic_write_bytes(self.path_for(key), _encode_entry(key, tensors, info))
+        if self.memory:
+            self._mem[key] = tensors
+        self._seen[key] = _nbytes(tensors)
+        return tensors
+
+    def _read(self, key: str) -> dict[str, torch.Tensor] | None:
+        path = self.path_for(key)
+        try:
+            return read_entry(path, key)
+        except FileNotFoundError:
+            return None
+        except CorruptEntry:
+            # A damaged entry is a miss: drop it and recompute rather than train on garbage.
+            path.unlink(missing_ok=True)
+            self.corrupt_evicted.append(str(path))
+            return None
+
+
+def _no_grad_encode(fn):
+    # Cached tensors must be plain (not inference-mode) tensors: the trainer feeds them to autograd.
+    def wrapped(*a, **k):
+        with torch.no_grad():
+            return fn(*a, **k)
+    return wrapped
+
+
+# --- latents ------------------------------------------------------------------------------------
+def latent_preprocess(bucket: tuple[int, int], center_crop: bool, random_flip: bool) -> dict:
+    """The preprocessing record a LatentCache key is built from. Trainer and `cache build` both
+    call this, so the two can never disagree about what a cached latent means."""
+    return {"bucket": [int(bucket[0]), int(bucket[1])], "center_crop": bool(center_crop),
+            "random_flip": bool(random_flip)}
+
+
+class LatentCache(ContentCache):
+    """VAE latent distributions keyed on image bytes + VAE identity + preprocessing.
+
+    Stores the distribution (mean, logvar), not one sample, so each step can draw a fresh
+    latent (`sample`) exactly as encoding every step would.
+    """
+
+    kind = "latent"
+
+    def __init__(self, cache_dir: str | os.PathLike, vae, *, memory: bool = True):
+        super().__init__(cache_dir, memory=memory)
+        self.vae = vae
+        self.identity = module_identity(vae)
+        self.bypassed = 0
+
+    def get(self, image_sha256: str, preprocess: dict,
+            pixels_fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, logvar), each [16, H/8, W/8] fp32 on the CPU. `pixels_fn` is called only on a miss.
+
+        Random augmentation makes pixels differ per call for the same image, so a cached latent
+        would be wrong: with `preprocess["random_flip"]` (or any true `random_*` key) the cache is
+        bypassed (counted as a miss, nothing stored).
+        """
+        if any(v for k, v in preprocess.items() if k.startswith("random")):
+            self.misses += 1
+            self.bypassed += 1
+            out = self._encode(pixels_fn)
+            return out["mean"], out["logvar"]
+        key = _sha256_json({"v": FORMAT_VERSION, "kind": self.kind, "image": image_sha256,
+                            "vae": self.identity, "preprocess": preprocess})
+        info = {"image_sha256": image_sha256, "vae": self.identity, "preprocess": json.dumps(preprocess)}
+        out = self._lookup(key, lambda: self._encode(pixels_fn), info)
+        return out["mean"], out["logvar"]
+
+    @_no_grad_encode
+    def _encode(self, pixels_fn) -> dict[str, torch.Tensor]:
+        p = next(self.vae.parameters())
+        pixels = pixels_fn()  # [3, H, W] in [-1, 1]
+        dist = self.vae.encode(pixels[None].to(p.device, p.dtype)).latent_dist
+        return {"mean": dist.mean[0].float().cpu(),       # [16, H/8, W/8]
+                "logvar": dist.logvar[0].float().cpu()}   # [16, H/8, W/8]
+
+    @staticmethod
+    def sample(mean: torch.Tensor, logvar: torch.Tensor,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw from N(mean, exp(logvar)), as DiagonalGaussianDistribution.sample does.
+
+        The caller then applies `(x - FLUX_VAE_SHIFT) * FLUX_VAE_SCALE`.
+        """
+        noise = torch.randn(mean.shape, generator=generator, dtype=mean.dtype,
+                            device=generator.device if generator is not None else mean.device)
+        return mean + torch.exp(0.5 * logvar) * noise.to(mean.device)
+
+
+# --- text embeddings ----------------------------------------------------------------------------
+class TextEmbeddingCache(ContentCache):
+    """T5 sequence embeddings + CLIP pooled embedding keyed on caption + tokenizers + encoders +
+    max sequence length. Encoding is FluxPipeline.encode_prompt itself (no re-implementation).
+
+    `pipe_or_components`: a FluxPipeline, or a dict with tokenizer, tokenizer_2, text_encoder,
+    text_encoder_2 (a pipeline without transformer and VAE is built around them).
+    """
+
+    kind = "text"
+
+    def __init__(self, cache_dir: str | os.PathLike, pipe_or_components, max_sequence_length: int,
+                 *, memory: bool = True):
+        super().__init__(cache_dir, memory=memory)
+        pipe = pipe_or_components
+        if isinstance(pipe, dict):
+            from diffusers import FluxPipeline
+
+            parts = {k: pipe.get(k) for k in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
+            missing = [k for k, v in parts.items() if v is None]
+            if missing:
+                raise ValueError(f"TextEmbeddingCache needs {', '.join(missing)} in its components")
+            pipe = FluxPipeline(scheduler=None, vae=None, transformer=None, **parts)
+        self.pipe = pipe
+        self.max_sequence_length = int(max_sequence_length)
+        self.identity = _sha256_json({
+            "tokenizer": tokenizer_identity(pipe.tokenizer), "tokenizer_2": tokenizer_identity(pipe.tokenizer_2),
+            "text_encoder": module_identity(pipe.text_encoder),
+            "text_encoder_2": module_identity(pipe.text_encoder_2),
+            "max_sequence_length": self.max_sequence_length})
+
+    def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds [S, D], pooled [D_pool]) on the CPU in the encoders' dtype."""
+        key = _sha256_json({"v": FORMAT_VERSION, "kind": self.kind, "caption": caption,
+                            "encoders": self.identity})
+        out = self._lookup(key, lambda: self._encode(caption), {"caption": caption})
+        return out["prompt_embeds"], out["pooled"]
+
+    @_no_grad_encode
+    def _encode(self, caption: str) -> dict[str, torch.Tensor]:
+        embeds, pooled, _ = self.pipe.encode_prompt(caption, device=torch.device("cpu"),
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"prompt_embeds": embeds[0], "pooled": pooled[0]}  # [S, D], [D_pool]
+
+
+# --- position ids -------------------------------------------------------------------------------
+class PositionIdCache:
+    """img_ids / txt_ids per (latent size, text length, device, dtype), LRU-bounded in memory.
+
+    `bytes` is what the LRU holds now.
+    """
+
+    def __init__(self, maxsize: int = 32):
+        if maxsize < 1:
+            raise ValueError(f"PositionIdCache maxsize must be >= 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._lru: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.hits = self.misses = 0
+
+    def stats(self) -> dict[str, int]:
+        held = sum(_nbytes({"i": i, "t": t}) for i, t in self._lru.values())
+        return {"hits": self.hits, "misses": self.misses, "bytes": held}
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    def get(self, latent_h: int, latent_w: int, text_len: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(img_ids [latent_h/2 * latent_w/2, 3], txt_ids [text_len, 3]) for packed 2x2 latents."""
+        key = (int(latent_h), int(latent_w), int(text_len), str(torch.device(device)), dtype)
+        hit = self._lru.get(key)
+        if hit is not None:
+            self.hits += 1
+            self._lru.move_to_end(key)
+            return hit
+        self.misses += 1
+        from diffusers import FluxPipeline
+
+        img_ids = FluxPipeline._prepare_latent_image_ids(None, latent_h // 2, latent_w // 2, device, dtype)
+        txt_ids = torch.zeros(text_len, 3, device=device, dtype=dtype)  # as FluxPipeline.encode_prompt
+        self._lru[key] = (img_ids, txt_ids)
+        if len(self._lru) > self.maxsize:
+            self._lru.popitem(last=False)
+        return img_ids, txt_ids
+
+    def precompute(self, buckets: Iterable[tuple[int, int]], text_len: int, device, dtype,
+                   *, vae_scale_factor: int = 8) -> None:
+        """Fill the LRU for pixel-space `buckets` (H, W); not counted as look-ups."""
+        hits, misses = self.hits, self.misses
+        for h, w in buckets:
+            self.get(h // vae_scale_factor, w // vae_scale_factor, text_len, device, dtype)
+        self.hits, self.misses = hits, misses
+
+
+# --- verification -------------------------------------------------------------------------------
+def _entries(cache_dir: Path):
+    for kind in KINDS:
+        yield from sorted((cache_dir / kind).glob(f"*/*{ENTRY_SUFFIX}"))
+
+
+def verify_cache(cache_dir: str | os.PathLike) -> dict:
+    """Read and check every entry; delete corrupt ones (and temp files of dead writers).
+
+    Returns dict(checked, corrupt: list of "path: reason", evicted).
+    """
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise FileNotFoundError(f"{cache_dir}: no such cache directory")
+    checked, corrupt, evicted = 0, [], 0
+    for path in _entries(cache_dir):
+        checked += 1
+        try:
+            read_entry(path)
+        except CorruptEntry as e:
+            corrupt.append(str(e).split("; run")[0])
+            path.unlink(missing_ok=True)
+            evicted += 1
+    now = time.time()
+    for kind in KINDS:
+        for tmp in (cache_dir / kind).glob("*/.*.tmp"):
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink(missing_ok=True)
+    return {"checked": checked, "corrupt": corrupt, "evicted": evicted}
+
+
+def disk_usage(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
+    """Entries and bytes on disk per kind."""
+    out = {}
+    for kind in KINDS:
+        files = list((Path(cache_dir) / kind).glob(f"*/*{ENTRY_SUFFIX}"))
+        out[kind] = {"entries": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    return out
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+def build_caches(cfg, pipe=None, device: str | None = None) -> dict[str, dict[str, int]]:
+    """Fill the latent, text and position caches for every item of a TrainConfig's dataset.
+
+    Returns this call's counters per cache (what `cache build --json` prints).
+    """
+    from fluxlab import models
+    from fluxlab.data import ImageCaptionDataset
+
+    device = device or getattr(cfg, "device", None) or models.default_device()
+    pipe = pipe or models.load_pipeline(cfg.model, device=device)
+    ds = ImageCaptionDataset(cfg.data, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+    latents = LatentCache(cfg.cache_dir, pipe.vae, memory=False)
+    texts = TextEmbeddingCache(cfg.cache_dir, pipe, cfg.max_sequence_length, memory=False)
+    positions = PositionIdCache()
+    if cfg.random_flip:
+        print("note: random_flip is on, so latents are encoded every step and not cached", file=sys.stderr)
+    dtype = pipe.transformer.dtype if pipe.transformer is not None else torch.float32
+    for i in range(len(ds)):
+        item = ds[i]
+        if not cfg.random_flip:
+            pre = latent_preprocess(item["bucket"], cfg.center_crop, cfg.random_flip)
+            latents.get(item["image_sha256"], pre, lambda item=item: item["pixels"])
+        texts.get(item["caption"])
+        h, w = item["bucket"]
+        positions.get(h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, cfg.max_sequence_length,
+                      device, dtype)
+    return {"latent": latents.stats(), "text": texts.stats(), "position": positions.stats()}
+
+
+def cli_build(config_path: str, overrides: dict[str, str], as_json: bool = False) -> int:
+    from fluxlab.config import load_config
+
+    cfg = load_config(config_path, overrides)
+    counts = build_caches(cfg)
+    Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(cfg.cache_dir) / "last_build.json",
+                       json.dumps({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                   "config": str(config_path), "overrides": overrides,
+                                   "counts": counts}, indent=1).encode())
+    if not as_json:
+        for name, c in counts.items():
+            print(f"{name:9s} hits {c['hits']:6d}  misses {c['misses']:6d}  bytes {c['bytes']:12d}")
+        print(f"caches in {cfg.cache_dir}")
+    else:
+        print(json.dumps(counts))  # the last line is the machine-readable result
+    return 0
+
+
+def cli_stats(cache_dir: str) -> int:
+    path = Path(cache_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such cache directory; run `fluxlab cache build CONFIG` first")
+    for kind, u in disk_usage(path).items():
+        print(f"{kind:9s} entries {u['entries']:6d}  bytes on disk {u['bytes']:12d}")
+    last = path / "last_build.json"
+    if last.exists():
+        rec = json.loads(last.read_text())
+        print(f"last build {rec['utc']} ({rec['config']}):")
+        for name, c in rec["counts"].items():
+            print(f"  {name:9s} hits {c['hits']:6d}  misses {c['misses']:6d}  bytes {c['bytes']:12d}")
+    return 0
+
+
+def cli_verify(cache_dir: str) -> int:
+    """Exit 0 when every entry is sound, 1 when corrupt entries were found (they are evicted)."""
+    res = verify_cache(cache_dir)
+    for line in res["corrupt"]:
+        print(f"corrupt, evicted: {line}")
+    print(f"checked {res['checked']} entries, {len(res['corrupt'])} corrupt, {res['evicted']} evicted")
+    return 1 if res["corrupt"] else 0

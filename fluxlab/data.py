@@ -1,0 +1,683 @@
+"""Datasets: validation, the sample and shapes datasets, aspect buckets, and the bucket sampler.
+
+A dataset is a folder of images with same-stem captions beside them (`cat.png` <-> `cat.txt`,
+the kohya / ai-toolkit / SimpleTuner convention). An optional `metadata.jsonl` (Hugging Face
+imagefolder style: {"file_name": ..., "text": ...} per line) supplies captions for images that
+have no `.txt`. Sub-folders are read too; names starting with "." are skipped.
+
+    report = validate_dataset("data/shapes")        # never raises on a bad file
+    ds = ImageCaptionDataset("data/shapes", resolution=64)
+    sampler = BucketBatchSampler(ds.buckets, batch_size=4, seed=0)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFile
+
+# Extension -> the Pillow formats we let decode it. Restricting formats stops Pillow from
+# "recognising" garbage as a format with weak magic bytes (TGA, ICO...), so random bytes named
+# .png are reported as unreadable instead of decoding as noise.
+IMAGE_EXTS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP",
+              ".gif": "GIF", ".tif": "TIFF", ".tiff": "TIFF"}
+ALLOWED_FORMATS = sorted(set(IMAGE_EXTS.values()))
+CAPTION_EXT = ".txt"
+METADATA_FILE = "metadata.jsonl"
+MIN_SIDE = 64                      # smallest useful side: one 2x2 packed latent patch is 16 px
+DEFAULT_MAX_PIXELS = 100_000_000   # 100 MP; larger files are treated as decompression bombs
+_ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
+_PNG_IEND = b"IEND\xaeB`\x82"      # IEND has no data, so its CRC is a constant
+
+__all__ = ["Issue", "DatasetReport", "validate_dataset", "make_sample_dataset", "make_shapes_dataset",
+           "ImageCaptionDataset", "aspect_buckets", "nearest_bucket", "BucketBatchSampler", "to_rgb", "cli"]
+
+
+# --- small helpers ------------------------------------------------------------------------------
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same folder + rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _pillow_limits(max_pixels: int):
+    """Make Pillow refuse images over `max_pixels` and truncated files, for this block only.
+
+    Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; turning the warning into an
+    error makes `max_pixels` the one limit. LOAD_TRUNCATED_IMAGES is forced off because a user
+    may have switched it on globally, which would hide truncation.
+    """
+    old_max, old_trunc = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
+    Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
+
+
+def _is_hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
+# --- conversion to RGB (validate warns with the same words this applies) ---------------------------
+def _rgb_plan(im: Image.Image) -> tuple[str, str | None]:
+    """How `to_rgb` converts `im`: (method, warning text or None when the conversion is lossless)."""
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":
+        return "rescale", f"high bit depth (mode {mode}): will be rescaled to 8 bits (value/257) and copied to 3 RGB channels"
+    if mode in _ALPHA_MODES or "transparency" in im.info:
+        kind = "palette image" if mode == "P" else f"mode {mode}"
+        return "composite", f"{kind} with alpha/transparency: will be composited onto white, then converted to RGB"
+    if mode in ("RGB", "L", "1"):
+        return "convert", None
+    if mode == "P":
+        return "convert", "palette image (mode P): the palette will be expanded to RGB"
+    if mode == "CMYK":
+        return "convert", "CMYK image: will be converted to RGB without colour management (colours may shift)"
+    return "convert", f"mode {mode}: will be converted to RGB"
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow image to 8-bit RGB, the conversion `validate_dataset` warns about."""
+    method, _ = _rgb_plan(im)
+    if method == "rescale":
+        # Pillow's convert("RGB") clips 16-bit values at 255 instead of scaling them.
+        a = np.asarray(im, dtype=np.float64)
+        scale = 1.0 / 257.0 if a.size and a.max() > 255 else 1.0
+        a = np.clip(np.rint(a * scale), 0, 255).astype(np.uint8)
+        return Image.fromarray(a).convert("RGB")
+    if method == "composite":
+        # Plain convert("RGB") would expose whatever colour hides under transparent pixels.
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")
+
+
+# --- validation -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Issue:
+    """One problem with one file. `file` is relative to the dataset root (posix separators)."""
+
+    file: str
+    problem: str
+    hint: str
+
+
+@dataclass
+class DatasetReport:
+    """What `validate_dataset` found. `ok` is True when there are no errors (warnings allowed)."""
+
+    root: str
+    errors: list[Issue] = field(default_factory=list)
+    warnings: list[Issue] = field(default_factory=list)
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict:
+        return {"root": self.root, "ok": self.ok, "errors": [asdict(i) for i in self.errors],
+                "warnings": [asdict(i) for i in self.warnings], "stats": self.stats}
+
+    def format(self) -> str:
+        """A human summary: statistics, then one row per issue (errors first)."""
+        s = self.stats
+        verdict = "OK" if self.ok else "FAILED"
+        lines = [f"dataset {self.root}: {verdict} ({len(self.errors)} errors, {len(self.warnings)} warnings)",
+                 f"  images {s.get('n_images', 0)}   captions {s.get('n_captions', 0)}   pairs {s.get('n_pairs', 0)}"]
+        if s.get("width_min") is not None:
+            lines.append(f"  width {s['width_min']}..{s['width_max']} px   height {s['height_min']}..{s['height_max']} px")
+        if s.get("caption_words_min") is not None:
+            lines.append(f"  caption words min {s['caption_words_min']}  median {s['caption_words_median']}"
+                         f"  max {s['caption_words_max']}")
+        if s.get("modes"):
+            lines.append("  modes " + ", ".join(f"{m} {n}" for m, n in sorted(s["modes"].items())))
+        dups = s.get("duplicates") or []
+        lines.append(f"  duplicate groups {len(dups)}")
+        rows = [("error", i) for i in self.errors] + [("warning", i) for i in self.warnings]
+        if rows:
+            wf = max(4, *(len(i.file) for _, i in rows))
+            wp = max(7, *(len(i.problem) for _, i in rows))
+            lines += ["", f"{'severity':<8}  {'file':<{wf}}  {'problem':<{wp}}  hint"]
+            lines += [f"{sev:<8}  {i.file:<{wf}}  {i.problem:<{wp}}  {i.hint}" for sev, i in rows]
+        return "\n".join(lines)
+
+
+@dataclass
+class _Image:
+    """A readable image found by the scan (internal: the dataset builds its records from these)."""
+
+    rel: str
+    width: int
+    height: int
+    mode: str
+    caption: str | None = None
+
+
+def _inspect_image(path: Path, rel: str, max_pixels: int, min_side: int,
+                   err: list[Issue], warn: list[Issue]) -> tuple[_Image | None, str | None]:
+    """Decode one image fully. Returns (info or None if unusable, sha256 of the bytes or None)."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        err.append(Issue(rel, f"cannot read file ({e.strerror or e})", "check permissions, or delete the file"))
+        return None, None
+    if not data:
+        err.append(Issue(rel, "zero-byte image file", "re-copy or re-export the image, or delete it"))
+        return None, None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with _pillow_limits(max_pixels):
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+                im.verify()                 # structure and checksums; the image is unusable afterwards
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
+                im.load()                   # decode every pixel: catches truncated pixel data
+                fmt, mode, (w, h) = im.format, im.mode, im.size
+                _, note = _rgb_plan(im)
+                bit_depth = data[24] if fmt == "PNG" and len(data) > 24 else 8
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        err.append(Issue(rel, f"decompression bomb: more than {max_pixels:,} pixels ({e})",
+                         "downscale the image, or raise max_pixels if it is genuinely this large"))
+        return None, digest
+    except Image.UnidentifiedImageError:
+        err.append(Issue(rel, f"unreadable: not a valid {'/'.join(ALLOWED_FORMATS)} image",
+                         "re-export it as PNG or JPEG, or delete it"))
+        return None, digest
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a per-file error, never a crash
+        problem = "truncated or corrupt image data" if _looks_truncated(e) else "corrupt image"
+        err.append(Issue(rel, f"{problem} ({type(e).__name__}: {e})", "re-copy or re-export the image, or delete it"))
+        return None, digest
+    if fmt == "PNG" and _PNG_IEND not in data[-4096:]:
+        # Pillow decodes PNGs that stop inside the final IEND chunk; the file is still cut short.
+        err.append(Issue(rel, "truncated PNG (no complete IEND chunk at the end)", "re-copy or re-export the image"))
+        return None, digest
+    if min(w, h) < min_side:
+        err.append(Issue(rel, f"too small: {w}x{h} px, under {min_side} px on the short side",
+                         f"use images of at least {min_side} px, or delete it"))
+        return None, digest
+    if note:
+        warn.append(Issue(rel, note, "no action needed; re-save as 8-bit RGB to silence this"))
+    if fmt == "PNG" and bit_depth == 16 and not note:
+        warn.append(Issue(rel, "16-bit PNG: will be read at 8 bits per channel",
+                          "no action needed; re-save as 8-bit to silence this"))
+    expected = IMAGE_EXTS[path.suffix.lower()]
+    if fmt != expected:
+        warn.append(Issue(rel, f"extension says {expected} but the content is {fmt}",
+                          "rename it to match its content (it is still read correctly)"))
+    return _Image(rel, w, h, mode), digest
+
+
+def _looks_truncated(e: Exception) -> bool:
+    text = str(e).lower()
+    return isinstance(e, EOFError) or "truncat" in text or "broken" in text or "incomplete" in text
+
+
+def _read_caption(path: Path, rel: str, err: list[Issue]) -> str | None:
+    """A caption's text, or None after recording why it cannot be used."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        err.append(Issue(rel, f"cannot read caption ({e.strerror or e})", "check permissions"))
+        return None
+    try:
+        text = raw.decode("utf-8-sig").strip()   # -sig: tolerate a BOM written by Windows editors
+    except UnicodeDecodeError as e:
+        err.append(Issue(rel, f"caption is not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})",
+                         "re-save the caption as UTF-8"))
+        return None
+    if not text:
+        err.append(Issue(rel, "empty caption", "write a caption describing the image, or delete the pair"))
+        return None
+    return text
+
+
+def _read_metadata(path: Path, rel: str, err: list[Issue]) -> dict[str, str]:
+    """metadata.jsonl -> {image path relative to its folder: caption}; bad lines become errors."""
+    out: dict[str, str] = {}
+    try:
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        err.append(Issue(rel, f"cannot read metadata ({e})", "re-save it as UTF-8 JSON lines"))
+        return out
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            name, text = obj["file_name"], obj.get("text", obj.get("caption"))
+            if not isinstance(name, str) or not isinstance(text, str):
+                raise TypeError("file_name and text must be strings")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            err.append(Issue(f"{rel}:{n}", f"bad metadata line ({type(e).__name__}: {e})",
+                             'each line must be {"file_name": "img.png", "text": "a caption"}'))
+            continue
+        out[Path(name).as_posix()] = text.strip()
+    return out
+
+
+def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[DatasetReport, list[_Image]]:
+    """Validate `root`; also return the usable (image, caption) pairs, sorted by path."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder {root} does not exist (or is not a folder)")
+    err: list[Issue] = []
+    warn: list[Issue] = []
+    images: list[Path] = []
+    captions: dict[tuple[Path, str], Path] = {}      # (folder, stem) -> caption file
+    meta_caps: dict[Path, str] = {}                   # image path -> caption from a metadata.jsonl
+    n_ignored = 0
+    for p in sorted(root.rglob("*")):
+        rel = p.relative_to(root)
+        if _is_hidden(rel) or not p.is_file():
+            continue
+        ext = p.suffix.lower()
+        if ext in IMAGE_EXTS:
+            images.append(p)
+        elif ext == CAPTION_EXT:
+            captions[(p.parent, p.stem)] = p
+        elif p.name == METADATA_FILE:
+            # keyed by path so file_name may point into sub-folders, as in HF imagefolder
+            for name, text in _read_metadata(p, rel.as_posix(), err).items():
+                meta_caps[Path(os.path.normpath(p.parent / name))] = text
+        else:
+            n_ignored += 1
+
+    good: list[_Image] = []
+    by_hash: dict[str, list[str]] = defaultdict(list)
+    used_captions: set[Path] = set()
+    stems = Counter((p.parent, p.stem) for p in images)
+    modes: Counter = Counter()
+    for p in images:
+        rel = p.relative_to(root).as_posix()
+        info, digest = _inspect_image(p, rel, max_pixels, min_side, err, warn)
+        if digest is not None:
+            by_hash[digest].append(rel)
+        cap_path = captions.get((p.parent, p.stem))
+        meta_text = meta_caps.get(p)
+        if cap_path is not None:
+            used_captions.add(cap_path)
+            caption = _read_caption(cap_path, cap_path.relative_to(root).as_posix(), err)
+            if stems[(p.parent, p.stem)] > 1:
+                warn.append(Issue(rel, f"shares its caption {cap_path.name} with another image of the same stem",
+                                  "give each image its own stem if the captions should differ"))
+        elif meta_text is not None:
+            caption = meta_text or None
+            if caption is None:
+                err.append(Issue(rel, f"empty caption in {METADATA_FILE}", "write a caption for it"))
+        else:
+            caption = None
+            err.append(Issue(rel, f"no caption: expected {p.stem}{CAPTION_EXT} beside it",
+                             f"write {p.stem}{CAPTION_EXT} (or add it to {METADATA_FILE}), or delete the image"))
+        if info is not None:
+            modes[info.mode] += 1
+            if caption is not None:
+                info.caption = caption
+                good.append(info)
+
+    for (folder, stem), cap in sorted(captions.items()):
+        if cap not in used_captions:
+            warn.append(Issue(cap.relative_to(root).as_posix(), "caption has no image (it will be ignored)",
+                              f"add the image {stem}.png/.jpg beside it, or delete the caption"))
+    for missing in sorted(set(meta_caps) - set(images)):
+        rel = os.path.relpath(missing, root).replace(os.sep, "/")
+        warn.append(Issue(rel, f"listed in {METADATA_FILE} but the image is missing (entry ignored)",
+                          "add the image, or remove the line"))
+    duplicates = [sorted(g) for g in by_hash.values() if len(g) > 1]
+    for g in duplicates:
+        warn.append(Issue(g[0], "duplicate content: same bytes as " + ", ".join(g[1:]),
+                          "delete the copies unless the repetition is intended"))
+    if not images:
+        err.append(Issue(".", "no images found", f"put {', '.join(sorted(IMAGE_EXTS))} files with captions here"))
+
+    words = [len(i.caption.split()) for i in good]
+    stats = {
+        "n_images": len(images),
+        "n_captions": len(captions) + len(meta_caps),
+        "n_pairs": len(good),
+        "n_ignored_files": n_ignored,
+        "width_min": min((i.width for i in good), default=None),
+        "width_max": max((i.width for i in good), default=None),
+        "height_min": min((i.height for i in good), default=None),
+        "height_max": max((i.height for i in good), default=None),
+        "caption_words_min": min(words, default=None),
+        "caption_words_median": statistics.median(words) if words else None,
+        "caption_words_max": max(words, default=None),
+        "modes": dict(modes),
+        "duplicates": duplicates,
+    }
+    return DatasetReport(str(root), err, warn, stats), good
+
+
+def validate_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                     min_side: int = MIN_SIDE) -> DatasetReport:
+    """Check image/caption pairing and every image; never raises on a bad file.
+
+    Errors (the dataset cannot be used as is): unreadable, zero-byte, truncated or corrupt images,
+    decompression bombs (over `max_pixels`), images under `min_side` px, missing / empty /
+    non-UTF-8 captions, no images at all. Warnings: mode conversions (CMYK, 16-bit, palette,
+    alpha), captions with no image, duplicate files, extension/content mismatch.
+    """
+    return _scan(root, max_pixels, min_side)[0]
+
+
+# --- the sample dataset (photos that ship with scikit-image) -----------------------------------------
+def _captions_json() -> Path:
+    return Path(__file__).resolve().parent.parent / "data" / "sample" / "captions.json"
+
+
+def make_sample_dataset(dir: str | os.PathLike, *, min_images: int = 12) -> Path:
+    """Copy the captioned scikit-image photos into `dir` (bytes unchanged) with `<stem>.txt` captions."""
+    import skimage.data
+
+    src_dir = Path(skimage.data.__file__).parent
+    cj = _captions_json()
+    if not cj.exists():
+        raise FileNotFoundError(f"{cj} not found: `fluxlab data sample` needs a source checkout of fluxlab")
+    captions: dict[str, str] = json.loads(cj.read_text(encoding="utf-8"))
+    out = Path(dir)
+    copied = 0
+    for stem, caption in sorted(captions.items()):
+        found = [src_dir / f"{stem}{ext}" for ext in (".png", ".jpg") if (src_dir / f"{stem}{ext}").exists()]
+        if not found:
+            continue        # older scikit-image versions download some images on demand; skip those
+        _atomic_write(out / found[0].name, found[0].read_bytes())
+        _atomic_write(out / f"{stem}{CAPTION_EXT}", (caption.strip() + "\n").encode("utf-8"))
+        copied += 1
+    if copied < min_images:
+        raise RuntimeError(f"only {copied} of the captioned images exist in {src_dir} (need {min_images}); "
+                           "upgrade scikit-image")
+    return out
+
+
+# --- the synthetic shapes dataset ---------------------------------------------------------------
+SHAPE_COLOURS = {"red": (220, 30, 30), "green": (30, 160, 60), "blue": (30, 80, 220),
+                 "yellow": (235, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20)}
+SHAPES = ("circle", "square", "triangle")
+# 3x3 grid, row-major: (row, col) -> phrase used in the caption
+POSITIONS = ("at the top left", "at the top", "at the top right",
+             "on the left", "in the center", "on the right",
+             "at the bottom left", "at the bottom", "at the bottom right")
+SCALES = {"small": 0.5, "large": 0.9}     # shape diameter as a fraction of its grid cell
+
+
+def _shape_attrs(seed: int, i: int) -> dict:
+    """The attributes of image i, from a hash so they do not depend on n or on any RNG's version."""
+    b = hashlib.sha256(f"fluxlab-shapes:{seed}:{i}".encode()).digest()
+    colours = list(SHAPE_COLOURS)
+    return {"colour": colours[b[0] % len(colours)], "shape": SHAPES[b[1] % len(SHAPES)],
+            "position": b[2] % len(POSITIONS), "scale": list(SCALES)[b[3] % len(SCALES)]}
+
+
+def _draw_shape(width: int, height: int, a: dict) -> Image.Image:
+    im = Image.new("RGB", (width, height), (255, 255, 255))
+    row, col = divmod(a["position"], 3)
+    cw, ch = width / 3, height / 3
+    cx, cy = (col + 0.5) * cw, (row + 0.5) * ch
+    r = SCALES[a["scale"]] * min(cw, ch) / 2
+    box = [round(cx - r), round(cy - r), round(cx + r), round(cy + r)]
+    fill = SHAPE_COLOURS[a["colour"]]
+    draw = ImageDraw.Draw(im)
+    if a["shape"] == "circle":
+        draw.ellipse(box, fill=fill)
+    elif a["shape"] == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), (round(cx), box[1])], fill=fill)
+    return im
+
+
+def make_shapes_dataset(dir: str | os.PathLike, n: int = 64, seed: int = 0, size: int = 64, *,
+                        aspect_every: int = 0) -> Path:
+    """Write n images `shape_00000.png`... with captions like "a large red circle at the top left on a
+    white background", plus `attributes.jsonl` (the labels, for evaluation).
+
+    Deterministic: the same (n, seed, size, aspect_every) gives byte-identical files. Image i does not
+    depend on n. With `aspect_every=k > 0`, every k-th image is 2:3 portrait or 3:2 landscape
+    (alternating), to exercise aspect buckets. Random flips would make "left"/"right" captions wrong.
+    """
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    if size < MIN_SIDE:
+        raise ValueError(f"size must be at least {MIN_SIDE} (validate rejects smaller images), got {size}")
+    out = Path(dir)
+    out.mkdir(parents=True, exist_ok=True)
+    long_side = max(16, round(size * 1.5 / 16) * 16)
+    names, attrs_lines = set(), []
+    for i in range(n):
+        a = _shape_attrs(seed, i)
+        w = h = size
+        if aspect_every > 0 and i % aspect_every == aspect_every - 1:
+            portrait = (i // aspect_every) % 2 == 0
+            w, h = (size, long_side) if portrait else (long_side, size)
+        caption = f"a {a['scale']} {a['colour']} {a['shape']} {POSITIONS[a['position']]} on a white background"
+        buf = io.BytesIO()
+        _draw_shape(w, h, a).save(buf, format="PNG", optimize=False)
+        stem = f"shape_{i:05d}"
+        _atomic_write(out / f"{stem}.png", buf.getvalue())
+        _atomic_write(out / f"{stem}{CAPTION_EXT}", (caption + "\n").encode("utf-8"))
+        names.update({f"{stem}.png", f"{stem}{CAPTION_EXT}"})
+        attrs_lines.append(json.dumps({"file_name": f"{stem}.png", "caption": caption, "width": w, "height": h,
+                                       **a, "position": POSITIONS[a["position"]]}))
+    _atomic_write(out / "attributes.jsonl", ("\n".join(attrs_lines) + "\n").encode("utf-8"))
+    # A previous, larger build leaves extra shape files behind; they would silently join the dataset.
+    for p in out.glob("shape_*"):
+        if p.name not in names and p.suffix in (".png", CAPTION_EXT):
+            p.unlink()
+    return out
+
+
+# --- aspect buckets -----------------------------------------------------------------------------
+def aspect_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(H, W) buckets with about resolution**2 pixels (never more), sides multiples of `step`.
+
+    `step` must be a multiple of 16: the VAE downsamples 8x and FLUX packs 2x2 latent patches.
+    """
+    if step <= 0 or step % 16:
+        raise ValueError(f"bucket step must be a positive multiple of 16 (8x VAE, 2x2 packing), got {step}")
+    if resolution < step:
+        raise ValueError(f"resolution {resolution} is smaller than the bucket step {step}")
+    if max_ratio < 1:
+        raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
+    target = resolution * resolution
+    out = set()
+    h = step
+    while h <= resolution * max_ratio:
+        w = (target // h) // step * step         # floor: a bucket never costs more memory than the square
+        if w >= step and max(h / w, w / h) <= max_ratio + 1e-9:
+            out.add((h, w))
+        h += step
+    if not out:
+        raise ValueError(f"no bucket fits resolution={resolution}, step={step}, max_ratio={max_ratio}")
+    return sorted(out)
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The (H, W) bucket whose aspect ratio is closest to the image's (log scale; ties: larger area)."""
+    if not buckets:
+        raise ValueError("no buckets given")
+    ar = math.log(height / width)
+    return min(buckets, key=lambda b: (round(abs(math.log(b[0] / b[1]) - ar), 12), -b[0] * b[1], b))
+
+
+# --- the dataset --------------------------------------------------------------------------------
+class ImageCaptionDataset:
+    """Validated image/caption pairs as [-1, 1] tensors, each resized and cropped to its aspect bucket.
+
+    Construction validates the folder and refuses it when there are errors. Random crops and flips
+    are drawn from (seed, epoch, index), so a resumed run sees the same pixels; call `set_epoch`.
+    """
+
+    def __init__(self, root: str | os.PathLike, resolution: int = 64, center_crop: bool = True,
+                 random_flip: bool = False, bucket_step: int = 64, *, max_ratio: float = 2.0, seed: int = 0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.root = Path(root)
+        self.report, good = _scan(self.root, max_pixels, MIN_SIDE)
+        if not self.report.ok:
+            errs = self.report.errors
+            listing = "\n".join(f"  {e.file}: {e.problem}" for e in errs[:10])
+            more = f"\n  ... and {len(errs) - 10} more" if len(errs) > 10 else ""
+            raise ValueError(f"dataset {self.root} has {len(errs)} error(s), first {errs[0].file}: "
+                             f"{errs[0].problem}\n{listing}{more}\n"
+                             f"fix or remove these files (see `fluxlab data validate {self.root}`)")
+        self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
+        self.seed, self.epoch, self.max_pixels = seed, 0, max_pixels
+        self.bucket_list = aspect_buckets(resolution, bucket_step, max_ratio)
+        self.records: list[tuple[Path, str]] = [(self.root / g.rel, g.caption) for g in good]
+        self.buckets: list[tuple[int, int]] = [nearest_bucket(g.width, g.height, self.bucket_list) for g in good]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def bucket_of(self, i: int) -> tuple[int, int]:
+        return self.buckets[i]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, i: int) -> dict:
+        path, caption = self.records[i]
+        bh, bw = self.buckets[i]
+        data = path.read_bytes()
+        with _pillow_limits(self.max_pixels):
+            im = to_rgb(Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS))   # in memory: nothing to close
+        # Scale so the image covers the bucket, then crop the overflow on the long side.
+        w, h = im.size
+        s = max(bw / w, bh / h)
+        nw, nh = max(bw, round(w * s)), max(bh, round(h * s))
+        im = im.resize((nw, nh), Image.Resampling.LANCZOS)
+        rng = random.Random(f"{self.seed}:{self.epoch}:{i}")
+        if self.center_crop:
+            left, top = (nw - bw) // 2, (nh - bh) // 2
+        else:
+            left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
+        im = im.crop((left, top, left + bw, top + bh))
+        if self.random_flip and rng.random() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        import torch  # lazy: validation and the CLI must not pay ~2 s for importing torch
+
+        pixels = torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1)   # [3, H, W] uint8
+        pixels = pixels.float().div_(127.5).sub_(1.0)                              # [-1, 1]
+        return {"index": i, "pixels": pixels, "caption": caption, "bucket": (bh, bw),
+                "image_sha256": hashlib.sha256(data).hexdigest(), "image_path": str(path)}
+
+
+# --- the bucket batch sampler ----------------------------------------------------------------------
+class BucketBatchSampler:
+    """Batches of indices that share one bucket; order fixed by (seed, epoch); sharded over ranks.
+
+    Use it as a DataLoader `batch_sampler`. It implements torch's Sampler protocol (`__iter__`,
+    `__len__`) without subclassing it, so `fluxlab data validate` does not pay to import torch. Call `set_epoch(e)` before each epoch, as with
+    DistributedSampler. Each `__iter__` yields the rest of the current epoch from the cursor.
+
+    Resuming: `state_dict()` records (epoch, cursor). A DataLoader with workers pulls batches ahead
+    of the training loop, so pass the number of batches the loop really consumed in this epoch:
+    `state_dict(consumed=k)`. Every rank gets the same number of batches (DDP would hang otherwise).
+    """
+
+    def __init__(self, buckets_per_index: list[tuple[int, int]], batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, drop_last: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.buckets = [tuple(b) for b in buckets_per_index]
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.drop_last = drop_last
+        self.epoch, self._cursor = 0, 0
+        if len(self) == 0:
+            sizes = Counter(self.buckets)
+            raise ValueError(f"no full batch of {batch_size} for {world_size} rank(s): bucket sizes {dict(sizes)}; "
+                             "lower batch_size or set drop_last=False")
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        """This rank's batches for `epoch`."""
+        rng = random.Random(f"bucket-sampler:{self.seed}:{epoch}")
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, b in enumerate(self.buckets):
+            groups[b].append(i)
+        batches: list[list[int]] = []
+        for b in sorted(groups):
+            idx = groups[b]
+            rng.shuffle(idx)
+            for k in range(0, len(idx), self.batch_size):
+                chunk = idx[k:k + self.batch_size]
+                if len(chunk) == self.batch_size or not self.drop_last:
+                    batches.append(chunk)
+        rng.shuffle(batches)
+        if self.drop_last:
+            batches = batches[:len(batches) - len(batches) % self.world_size]
+        elif batches and len(batches) % self.world_size:
+            batches += batches[:self.world_size - len(batches) % self.world_size]  # pad, as DistributedSampler
+        return batches[self.rank::self.world_size]
+
+    def __len__(self) -> int:
+        return len(self._epoch_batches(self.epoch))
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._epoch_batches(self.epoch)
+        for k in range(self._cursor, len(batches)):
+            self._cursor = k + 1
+            yield batches[k]
+        self._cursor = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:   # same epoch again (e.g. right after load_state_dict) keeps the cursor
+            self.epoch, self._cursor = epoch, 0
+
+    def _fingerprint(self) -> dict:
+        return {"seed": self.seed, "batch_size": self.batch_size, "world_size": self.world_size,
+                "drop_last": self.drop_last, "n": len(self.buckets)}
+
+    def state_dict(self, consumed: int | None = None) -> dict:
+        cursor = self._cursor if consumed is None else consumed
+        return {"epoch": self.epoch, "cursor": cursor, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, mine in self._fingerprint().items():
+            if key in state and state[key] != mine:
+                raise ValueError(f"sampler state was saved with {key}={state[key]!r} but this sampler has "
+                                 f"{key}={mine!r}; resume with the same {key} or start a new run")
+        self.epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
+
+
+# --- command line -------------------------------------------------------------------------------
+def cli(args) -> int:
+    """`fluxlab data sample|shapes|validate` (parsed in fluxlab/cli.py)."""
+    if args.data_cmd == "sample":
+        path = make_sample_dataset(args.dir)
+        print(f"sample dataset written to {path}")
+        return 0
+    if args.data_cmd == "shapes":
+        path = make_shapes_dataset(args.dir, n=args.n, seed=args.seed, size=args.size,
+                                   aspect_every=getattr(args, "aspect_every", 0))
+        print(f"{args.n} shapes images written to {path}")
+        return 0
+    report = validate_dataset(args.dir)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0 if report.ok else 1

@@ -1,0 +1,91 @@
+"""What this process runs on: package versions, device, driver, Triton mode.
+
+`environment()` is cheap on purpose: `store.provenance()` calls it for every record. Versions come
+from package metadata (no imports); the device is read from torch only if torch is already imported,
+because importing torch just to label a record would cost seconds. `doctor()` imports torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+
+# The packages whose versions decide how a measurement came out (DESIGN.md §5 provenance).
+PACKAGES = ("torch", "triton", "diffusers", "peft", "transformers", "papermill", "nbval")
+
+
+def package_version(name: str) -> str | None:
+    """The installed version of `name`, or None when it is not installed (the GPU box lacks some)."""
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _driver() -> str | None:
+    """NVIDIA driver version via nvidia-smi (torch does not expose it); None without a GPU."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = out.stdout.strip().splitlines()
+    return lines[0].strip() if out.returncode == 0 and lines else None
+
+
+def triton_mode() -> str:
+    """'interpreted' when TRITON_INTERPRET=1 (CPU test runs), else 'compiled'."""
+    return "interpreted" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "compiled"
+
+
+def _device_info(torch) -> dict:
+    if torch is not None and torch.cuda.is_available():
+        idx = torch.cuda.current_device()
+        return {"device": f"cuda:{idx}", "device_name": torch.cuda.get_device_name(idx),
+                "cuda": torch.version.cuda, "driver": _driver()}
+    return {"device": "cpu", "device_name": platform.processor() or platform.machine() or "cpu",
+            "cuda": getattr(getattr(torch, "version", None), "cuda", None), "driver": _driver()}
+
+
+def environment(import_torch: bool = False) -> dict:
+    """Versions, host, device, driver and Triton mode as one flat dict.
+
+    The device fields come from torch when it is already imported (or `import_torch=True`);
+    otherwise they say 'unknown' rather than pay for the import.
+    """
+    env = {"python": platform.python_version(), "host": socket.gethostname(),
+           "platform": platform.platform(), "triton_mode": triton_mode()}
+    env.update({name: package_version(name) for name in PACKAGES})
+    torch = sys.modules.get("torch")
+    if torch is None and import_torch:
+        import torch  # noqa: PLC0415 - deliberate: only doctor() pays for it
+    if torch is not None:
+        env.update(_device_info(torch))
+    else:
+        env.update({"device": "unknown", "device_name": "unknown", "cuda": None, "driver": _driver()})
+    return env
+
+
+def doctor() -> int:
+    """Print the environment for a bug report; non-zero when torch itself is missing."""
+    try:
+        env = environment(import_torch=True)
+    except ImportError as e:
+        print(f"torch is not importable ({e}); run `make setup`", file=sys.stderr)
+        return 1
+    width = max(len(k) for k in env)
+    for key, value in env.items():
+        print(f"{key:<{width}}  {value if value is not None else 'not installed / n.a.'}")
+    if env["triton_mode"] == "interpreted":
+        print("note: TRITON_INTERPRET=1 - Triton kernels run in the (slow) interpreter; timings are meaningless")
+    return 0

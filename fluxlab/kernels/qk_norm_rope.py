@@ -1,0 +1,254 @@
+"""RMSNorm of q and of k (each with its weight), then RoPE, in one pass, written in the
+[B, H, S, D] layout `F.scaled_dot_product_attention` consumes.
+
+What it replaces in `FluxAttnProcessor`: `attn.norm_q(q)`, `attn.norm_k(k)` (torch.nn.RMSNorm over
+the head dim), for the double blocks also `norm_added_q/k` on the text stream and the
+`torch.cat([text, image], dim=1)`, then `apply_rotary_emb` over the joint sequence and the
+transpose to [B, H, S, D]. The text stream ("context") is written at sequence offset 0, the image
+stream after it, straight into one joint buffer, so the concatenation costs nothing.
+
+Layers: `_fwd_kernel` / `_bwd_kernel` (Triton) -> `launch_fwd` / `launch_bwd` (one launch per stream)
+-> `QKNormRopeFunction` -> `qk_norm_rope`; `reference` beside it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _common as C
+from . import rope
+from ._common import tl, triton
+
+FAMILY = "qk_norm_rope"
+
+
+# --- Triton -----------------------------------------------------------------------------------
+if C.HAVE_TRITON:
+    from .rope import load_cos_sin, rope_rotate, rope_rotate_bwd
+
+    @triton.jit
+    def _load_pairs(ptr, off, mask, ACC: tl.constexpr):
+        return (tl.load(ptr + off, mask=mask, other=0.0).to(ACC),
+                tl.load(ptr + off + 1, mask=mask, other=0.0).to(ACC))
+
+    @triton.jit
+    def _store_pairs(ptr, off, mask, v_e, v_o):
+        tl.store(ptr + off, v_e.to(ptr.dtype.element_ty), mask=mask)
+        tl.store(ptr + off + 1, v_o.to(ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _rstd(x_e, x_o, D, eps):
+        # RMSNorm: r = 1 / sqrt(mean_d(x_d^2) + eps), per head  -> [BLOCK_H, 1]
+        ms = (tl.sum(x_e * x_e, axis=1) + tl.sum(x_o * x_o, axis=1)) / D
+        return (1.0 / tl.sqrt(ms + eps))[:, None]
+
+    @triton.jit
+    def _fwd_one(x_ptr, w_ptr, o_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC: tl.constexpr):
+        x_e, x_o = _load_pairs(x_ptr, x_off, mask, ACC)
+        w_e, w_o = _load_pairs(w_ptr, 2 * p, p < P, ACC)
+        r = _rstd(x_e, x_o, 2 * P, eps)
+        y_e, y_o = rope_rotate(x_e * r * w_e, x_o * r * w_o, c_e, c_o, s_e, s_o)
+        _store_pairs(o_ptr, o_off, mask, y_e, y_o)
+
+    @triton.jit
+    def _fwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+                    S, H, P, seq_off, so_b, so_h, so_s, eps,
+                    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+        # Per token (b, s) of a stream [B, S, H, D=2P] (contiguous), for x in (q, k):
+        #   n = x * r * w,  r = 1/sqrt(mean_d x^2 + eps)           (torch.nn.RMSNorm, fp32)
+        #   y = rope(n) at joint position seq_off + s               (see rope.rope_rotate)
+        # and y lands at out[b, :, seq_off + s, :] of the joint [B, H, S_joint, D] buffer.
+        tok = tl.program_id(0).to(tl.int64)
+        b, s = tok // S, tok % S
+        h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+        p = tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
+        mask = (h < H) & (p < P)
+        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, seq_off + s, p, P, ACC)
+        x_off = tok * H * 2 * P + h * 2 * P + 2 * p
+        o_off = b * so_b + h * so_h + (seq_off + s) * so_s + 2 * p
+        _fwd_one(q_ptr, wq_ptr, qo_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC)
+        _fwd_one(k_ptr, wk_ptr, ko_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC)
+
+    @triton.jit
+    def _bwd_one(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, tok, x_off, o_off, mask, p, P,
+                 c_e, c_o, s_e, s_o, eps, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
+        D = 2 * P
+        x_e, x_o = _load_pairs(x_ptr, x_off, mask, ACC)
+        w_e, w_o = _load_pairs(w_ptr, 2 * p, p < P, ACC)
+        g_e, g_o = _load_pairs(g_ptr, o_off, mask, ACC)
+        dn_e, dn_o = rope_rotate_bwd(g_e, g_o, c_e, c_o, s_e, s_o)
+        r = _rstd(x_e, x_o, D, eps)
+        gw_e, gw_o = dn_e * w_e, dn_o * w_o
+        dot = ((tl.sum(gw_e * x_e, axis=1) + tl.sum(gw_o * x_o, axis=1)) / D)[:, None]  # [BLOCK_H, 1]
+        r3 = r * r * r
+        _store_pairs(dx_ptr, x_off, mask, r * gw_e - x_e * r3 * dot, r * gw_o - x_o * r3 * dot)
+        pp = tl.arange(0, BLOCK_P)
+        _store_pairs(dw_ptr, tok * D + 2 * pp, pp < P,
+                     tl.sum(dn_e * x_e * r, axis=0), tl.sum(dn_o * x_o * r, axis=0))  # [BLOCK_P] each
+
+    @triton.jit
+    def _bwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr,
+                    dq_ptr, dk_ptr, dwq_ptr, dwk_ptr,
+                    S, H, P, seq_off, so_b, so_h, so_s, eps,
+                    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+        # With g the output gradient:  dn = rope^T(g);  gw = dn * w
+        #   dx = r * gw - x * r^3 * mean_d(gw * x)
+        #   dw = sum over tokens and heads of dn * x * r   (this program writes its token's sum over
+        #        heads to row `tok` of dw [B*S, D]; the host sums the rows)
+        tok = tl.program_id(0).to(tl.int64)
+        b, s = tok // S, tok % S
+        h = tl.arange(0, BLOCK_H)[:, None]
+        p = tl.arange(0, BLOCK_P)[None, :]
+        mask = (h < H) & (p < P)
+        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, seq_off + s, p, P, ACC)
+        x_off = tok * H * 2 * P + h * 2 * P + 2 * p
+        o_off = b * so_b + h * so_h + (seq_off + s) * so_s + 2 * p
+        _bwd_one(q_ptr, wq_ptr, gq_ptr, dq_ptr, dwq_ptr, tok, x_off, o_off, mask, p, P,
+                 c_e, c_o, s_e, s_o, eps, ACC, BLOCK_P)
+        _bwd_one(k_ptr, wk_ptr, gk_ptr, dk_ptr, dwk_ptr, tok, x_off, o_off, mask, p, P,
+                 c_e, c_o, s_e, s_o, eps, ACC, BLOCK_P)
+
+
+# --- host launchers -------------------------------------------------------------------------------
+def _grid_args(x: torch.Tensor, out: torch.Tensor):
+    B, S, H, D = x.shape
+    return (B * S,), dict(S=S, H=H, P=D // 2, so_b=out.stride(0), so_h=out.stride(1), so_s=out.stride(2),
+                          ACC=C.acc_dtype(x.dtype), BLOCK_H=C.next_pow2(H), BLOCK_P=C.next_pow2(D // 2))
+
+
+def launch_fwd(q, k, wq, wk, cos, sin, q_out, k_out, seq_off: int, eps: float) -> None:
+    """One stream q, k [B, S, H, D] (contiguous) -> rows seq_off.. of q_out, k_out [B, H, S_joint, D]."""
+    grid, kw = _grid_args(q, q_out)
+    C.count(f"{FAMILY}.fwd")
+    _fwd_kernel[grid](q, k, wq, wk, cos, sin, q_out, k_out, seq_off=seq_off, eps=eps, **kw)
+
+
+def launch_bwd(q, k, wq, wk, cos, sin, gq, gk, seq_off: int, eps: float):
+    """Gradients of one stream: (dq, dk) [B, S, H, D] and (dwq, dwk) [D] in the accumulation dtype."""
+    grid, kw = _grid_args(q, gq)
+    B, S, H, D = q.shape
+    dq, dk = C.new_empty_like(q), C.new_empty_like(k)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    dwq, dwk = (C.new_empty((B * S, D), acc, q.device) for _ in range(2))  # per-token partial sums
+    C.count(f"{FAMILY}.bwd")
+    _bwd_kernel[grid](q, k, wq, wk, cos, sin, gq, gk, dq, dk, dwq, dwk, seq_off=seq_off, eps=eps, **kw)
+    return dq, dk, dwq.sum(0), dwk.sum(0)
+
+
+# --- autograd -------------------------------------------------------------------------------------
+class QKNormRopeFunction(torch.autograd.Function):
+    """Streams: (q, k, wq, wk) for the image stream and optionally (cq, ck, cwq, cwk) for the text
+    stream placed before it. A None weight means RMSNorm without affine (weight of ones)."""
+
+    @staticmethod
+    def forward(ctx, q, k, wq, wk, cos, sin, eps, cq=None, ck=None, cwq=None, cwk=None):
+        streams = [(cq, ck, cwq, cwk)] if cq is not None else []
+        streams.append((q, k, wq, wk))
+        streams = [tuple(_weight_or_ones(t, q) if i >= 2 else t.contiguous() for i, t in enumerate(st))
+                   for st in streams]
+        B, _, H, D = q.shape
+        S_joint = sum(st[0].shape[1] for st in streams)
+        cos, sin = cos.contiguous(), sin.contiguous()
+        q_out = C.new_empty((B, H, S_joint, D), q.dtype, q.device)  # [B, H, S_joint, D]
+        k_out = C.new_empty((B, H, S_joint, D), k.dtype, k.device)
+        off = 0
+        for sq, sk, swq, swk in streams:
+            launch_fwd(sq, sk, swq, swk, cos, sin, q_out, k_out, off, eps)
+            off += sq.shape[1]
+        ctx.eps, ctx.n_streams = eps, len(streams)
+        ctx.save_for_backward(cos, sin, *[t for st in streams for t in st])
+        return q_out, k_out
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        cos, sin, *flat = ctx.saved_tensors
+        gq, gk = gq.contiguous(), gk.contiguous()
+        grads, off = [], 0
+        for i in range(ctx.n_streams):
+            sq, sk, swq, swk = flat[4 * i: 4 * i + 4]
+            dq, dk, dwq, dwk = launch_bwd(sq, sk, swq, swk, cos, sin, gq, gk, off, ctx.eps)
+            grads.append((dq, dk, dwq.to(swq.dtype), dwk.to(swk.dtype)))
+            off += sq.shape[1]
+        img = grads[-1]
+        ctx_grads = grads[0] if ctx.n_streams == 2 else (None,) * 4
+        return (*img, None, None, None, *ctx_grads)
+
+
+def _weight_or_ones(w: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    if w is None:
+        return torch.ones(like.shape[-1], dtype=like.dtype, device=like.device)
+    return w.contiguous()
+
+
+# --- public ---------------------------------------------------------------------------------------
+Context = tuple  # (q_ctx, k_ctx, q_ctx_weight, k_ctx_weight)
+
+
+def _check(q, k, q_weight, k_weight, cos, sin, context) -> None:
+    streams = [("", q, k, q_weight, k_weight)]
+    if context is not None:
+        if len(context) != 4:
+            raise ValueError("context must be (q_ctx, k_ctx, q_ctx_weight, k_ctx_weight)")
+        streams.append(("context ", *context))
+    B, _, H, D = q.shape if q.ndim == 4 else (None,) * 4
+    for tag, sq, sk, wq, wk in streams:
+        for name, t in ((f"{tag}q", sq), (f"{tag}k", sk)):
+            if t.ndim != 4 or (t.shape[0], t.shape[2], t.shape[3]) != (B, H, D):
+                raise ValueError(f"{name} must be [B, S, H, D] = [{B}, S, {H}, {D}], got {tuple(t.shape)}")
+        if sq.shape != sk.shape:
+            raise ValueError(f"{tag}q {tuple(sq.shape)} and {tag}k {tuple(sk.shape)} differ")
+        for name, w in ((f"{tag}q_weight", wq), (f"{tag}k_weight", wk)):
+            if w is not None and tuple(w.shape) != (D,):
+                raise ValueError(f"{name} must be [D] = [{D}], got {tuple(w.shape)}")
+    S_joint = q.shape[1] + (context[0].shape[1] if context is not None else 0)
+    rope.check_shapes(q, cos, sin, seq_len=S_joint)
+
+
+def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                 cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6,
+                 context: Context | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm(q; q_weight), RMSNorm(k; k_weight), RoPE, transpose: the attention-ready q and k.
+
+    q, k: [B, S, H, D] (image stream); q_weight, k_weight: [D] or None (no affine);
+    cos, sin: [S_ctx + S, D] from FluxPosEmbed over the joint sequence;
+    context: optional (q_ctx, k_ctx, q_ctx_weight, k_ctx_weight), [B, S_ctx, H, D], the text stream
+        that FLUX puts first in the joint sequence (its own norm weights: norm_added_q/k).
+    Returns (q_out, k_out), each [B, H, S_ctx + S, D] in q.dtype.
+    """
+    _check(q, k, q_weight, k_weight, cos, sin, context)
+    tensors = [q, k, q_weight, k_weight, cos, sin, *(context or ())]
+    if C.triton_can_serve(FAMILY, *tensors) and rope.fits_block(FAMILY, q.shape[2], q.shape[3]):
+        return QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, eps, *(context or ()))
+    return reference(q, k, q_weight, k_weight, cos, sin, eps, context)
+
+
+def reference(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6, context: Context | None = None):
+    """Plain PyTorch in the order FluxAttnProcessor runs it: RMSNorm per stream (F.rms_norm is what
+    torch.nn.RMSNorm calls), concatenate [text, image], rope.reference, transpose to [B, H, S, D]."""
+    D = q.shape[-1]
+    qn, kn = F.rms_norm(q, (D,), q_weight, eps), F.rms_norm(k, (D,), k_weight, eps)  # [B, S, H, D]
+    if context is not None:
+        cq, ck, cwq, cwk = context
+        qn = torch.cat([F.rms_norm(cq, (D,), cwq, eps), qn], dim=1)
+        kn = torch.cat([F.rms_norm(ck, (D,), cwk, eps), kn], dim=1)
+    return rope.reference(qn, cos, sin).transpose(1, 2), rope.reference(kn, cos, sin).transpose(1, 2)
+
+
+def gradcheck_cases() -> list[tuple[str, object, tuple]]:
+    """float64 cases: one stream, and the joint text+image form with all four norm weights."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, dtype=torch.float64, generator=g).requires_grad_()
+
+    def tables(S, D):
+        ang = torch.randn(S, D // 2, dtype=torch.float64, generator=g).repeat_interleave(2, dim=1)
+        return ang.cos(), ang.sin()
+
+    B, S, Sc, H, D = 1, 3, 2, 2, 6
+    single = (rnd(B, S, H, D), rnd(B, S, H, D), rnd(D), rnd(D), *tables(S, D), 1e-6)
+    joint = (rnd(B, S, H, D), rnd(B, S, H, D), rnd(D), rnd(D), *tables(S + Sc, D), 1e-6,
+             rnd(B, Sc, H, D), rnd(B, Sc, H, D), rnd(D), rnd(D))
+    return [("qk_norm_rope", QKNormRopeFunction.apply, single),
+            ("qk_norm_rope.joint", QKNormRopeFunction.apply, joint)]

@@ -1,0 +1,339 @@
+"""The results store: one SQLite file (WAL) of records with full provenance (DESIGN.md §5).
+
+A record is a flat JSON object: what was measured (`benchmark`, `verdict`, `ratio`, `ci_low`,
+`ci_high`, `samples`, `metrics`), under which parameters, and where/when (git, host, device, driver,
+package versions, UTC time). The row stores the whole record as JSON plus a few indexed columns, so
+new fields never need a migration. Records travel three ways:
+  * `record()` writes a row and shows the record in the notebook as `RECORD_MIME`;
+  * `harvest(runs/)` rebuilds rows from those outputs in executed notebooks;
+  * `export_records("json")` / `import_jsonl()` move them as JSON lines (benchmarks/results/*.jsonl),
+    so the regression notebook sees GPU history on any machine. Both are idempotent by record `id`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+from fluxlab import env as _env
+
+RECORD_MIME = "application/vnd.fluxlab.record+json"
+
+# Field order of exports. Extra keys (from provenance_overrides) are kept after these.
+FIELDS = (
+    "id", "run_id", "benchmark", "verdict", "ratio", "ci_low", "ci_high", "device", "device_name",
+    "notebook", "params", "metrics", "samples", "utc", "git_commit", "git_dirty", "host", "driver",
+    "cuda", "torch", "triton", "diffusers", "peft", "transformers", "python", "triton_mode",
+)
+# Record keys that also live in their own column, so query() can filter in SQL.
+_COLUMNS = ("id", "run_id", "benchmark", "verdict", "device", "device_name", "notebook", "utc")
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS records (
+    {", ".join(f"{c} TEXT" + (" PRIMARY KEY" if c == "id" else "") for c in _COLUMNS)},
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_benchmark ON records (benchmark, device_name);
+"""
+
+_CHECKOUT = Path(__file__).resolve().parent.parent
+_RUN_ID: str | None = None
+
+
+class StoreError(RuntimeError):
+    """The store file cannot be used (corrupt, not SQLite, unwritable) or an input file is bad."""
+
+
+# --- where and who ----------------------------------------------------------------------------
+def default_store_path() -> Path:
+    """$FLUXLAB_STORE, else results/fluxlab.db in the source checkout (so notebooks run from
+    notebooks/ and the CLI run from the root share one store), else under the working directory."""
+    if os.environ.get("FLUXLAB_STORE"):
+        return Path(os.environ["FLUXLAB_STORE"])
+    root = _CHECKOUT if (_CHECKOUT / "pyproject.toml").exists() else Path.cwd()
+    return root / "results" / "fluxlab.db"
+
+
+def run_id() -> str:
+    """$FLUXLAB_RUN_ID (set by the notebook runner so all records of one run share it), else one
+    id per process."""
+    global _RUN_ID
+    if os.environ.get("FLUXLAB_RUN_ID"):
+        return os.environ["FLUXLAB_RUN_ID"]
+    if _RUN_ID is None:
+        _RUN_ID = uuid.uuid4().hex[:12]
+    return _RUN_ID
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=_CHECKOUT, capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.SubprocessError):
+        return None  # no git, or it hung: provenance says "unknown" rather than failing a run
+    return out.stdout if out.returncode == 0 else None
+
+
+def provenance(notebook: str | None = None, params: dict | None = None) -> dict:
+    """Run id, notebook and parameters, git commit and dirty flag, host, device, driver, package
+    versions and UTC time. Cheap: no imports beyond what is loaded; git with a timeout."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain") if commit is not None else None
+    prov = {
+        "run_id": run_id(),
+        "notebook": notebook or os.environ.get("FLUXLAB_NOTEBOOK"),
+        "params": dict(params or {}),
+        "git_commit": commit.strip() if commit else None,
+        "git_dirty": bool(status.strip()) if status is not None else None,
+        "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
+    }
+    prov.update(_env.environment())
+    return prov
+
+
+# --- JSON helpers -----------------------------------------------------------------------------
+def _jsonable(x):
+    """numpy/torch values -> plain JSON; NaN/inf -> None (Jupyter front ends reject bare NaN)."""
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy arrays/scalars, tensors
+        return _jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if x is None or isinstance(x, (str, int, float, bool)):
+        return x
+    return str(x)
+
+
+def _canonical(obj) -> str:
+    return json.dumps(_jsonable(obj), sort_keys=True, separators=(",", ":"))
+
+
+# --- the database -----------------------------------------------------------------------------
+def _path(store) -> Path:
+    return Path(store) if store is not None else default_store_path()
+
+
+@contextlib.contextmanager
+def _connect(store, create: bool = True):
+    """A connection in WAL mode with a generous busy timeout (concurrent writers wait, never drop
+    rows), whose SQLite errors become StoreErrors naming the file and what to do."""
+    path = _path(store)
+    if not path.exists() and not create:
+        raise StoreError(f"no results store at {path}: run a notebook or `fluxlab results import` first")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = None
+    try:
+        conn = sqlite3.connect(path, timeout=60)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.executescript(_SCHEMA)
+        yield conn
+        conn.commit()
+    except sqlite3.OperationalError as e:  # locked past the timeout, unwritable, ...
+        raise StoreError(f"results store {path}: {e}") from e
+    except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
+        raise StoreError(
+            f"results store {path} is corrupt or not a SQLite file ({e}). Move it aside "
+            f"(mv {path} {path}.bad) and rebuild it with `fluxlab results import benchmarks/results/` "
+            f"and `fluxlab results harvest runs/`.") from e
+    finally:
+        if conn is not None:
+            conn.close()
+
+
+def _insert(conn: sqlite3.Connection, records: Iterable[dict]) -> int:
+    """INSERT OR IGNORE by id; returns how many rows were new."""
+    before = conn.total_changes
+    conn.executemany(
+        f"INSERT OR IGNORE INTO records ({', '.join(_COLUMNS)}, body) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})",
+        [tuple(None if r.get(c) is None else str(r[c]) for c in _COLUMNS) + (_canonical(r),) for r in records])
+    return conn.total_changes - before
+
+
+def _ordered(rec: dict) -> dict:
+    return {**{k: rec.get(k) for k in FIELDS}, **{k: v for k, v in rec.items() if k not in FIELDS}}
+
+
+# --- the public API ---------------------------------------------------------------------------
+def _summary(rec: dict) -> str:
+    ratio = "" if rec.get("ratio") is None else f" ratio={rec['ratio']:.3f}"
+    ci = "" if rec.get("ci_low") is None else f" (95% CI {rec['ci_low']:.3f}-{rec['ci_high']:.3f})"
+    return (f"fluxlab record {rec['benchmark']} [{rec.get('device_name') or rec.get('device')}] "
+            f"verdict={rec.get('verdict')}{ratio}{ci} id={rec['id'][:8]}")
+
+
+def record(benchmark: str, *, verdict=None, ratio=None, ci_low=None, ci_high=None, samples=None,
+           metrics: dict | None = None, params: dict | None = None, notebook: str | None = None,
+           device=None, store=None, display: bool = True,
+           provenance_overrides: dict | None = None) -> dict:
+    """Write one record (with provenance and raw samples) to the store and return it.
+
+    Inside IPython it is also displayed as `RECORD_MIME`, which is how `harvest()` finds it later.
+    `samples` may be a list or a dict of lists (e.g. {"baseline": [...], "candidate": [...]}).
+    """
+    if not benchmark or not isinstance(benchmark, str):
+        raise ValueError(f"record(): benchmark must be a non-empty string, got {benchmark!r}")
+    rec = provenance(notebook=notebook, params=params)
+    rec.update({"id": uuid.uuid4().hex, "benchmark": benchmark, "verdict": verdict, "ratio": ratio,
+                "ci_low": ci_low, "ci_high": ci_high, "samples": samples, "metrics": dict(metrics or {})})
+    if device is not None:
+        rec["device"] = str(device)
+    rec.update(provenance_overrides or {})
+    rec = _jsonable(_ordered(rec))
+    with _connect(store) as conn:
+        _insert(conn, [rec])
+    if display and "IPython" in sys.modules:
+        from IPython import get_ipython
+        from IPython.display import display as _display
+
+        if get_ipython() is not None:
+            _display({RECORD_MIME: rec, "text/plain": _summary(rec)}, raw=True)
+    return rec
+
+
+def query(store=None, **filters) -> list[dict]:
+    """Records matching all `filters` (exact equality on record fields), oldest first."""
+    unknown = [k for k in filters if k not in FIELDS]
+    if unknown:
+        raise ValueError(f"query(): unknown field(s) {unknown}; known fields: {', '.join(FIELDS)}")
+    sql_filters = {k: v for k, v in filters.items() if k in _COLUMNS}
+    where = " AND ".join(f"{k} = ?" for k in sql_filters) or "1"
+    with _connect(store) as conn:
+        rows = conn.execute(f"SELECT body FROM records WHERE {where} ORDER BY utc, rowid",
+                            [str(v) for v in sql_filters.values()]).fetchall()
+    records = [json.loads(body) for (body,) in rows]
+    rest = {k: _jsonable(v) for k, v in filters.items() if k not in _COLUMNS}
+    return [_ordered(r) for r in records if all(r.get(k) == v for k, v in rest.items())]
+
+
+def export_records(fmt: str = "json", store=None, records: list[dict] | None = None) -> str:
+    """All records as JSON lines ("json") or CSV ("csv"; nested fields JSON-encoded)."""
+    records = query(store) if records is None else [_ordered(r) for r in records]
+    if fmt == "json":
+        return "".join(json.dumps(r, sort_keys=False) + "\n" for r in records)
+    if fmt == "csv":
+        columns = list(FIELDS) + sorted({k for r in records for k in r} - set(FIELDS))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for r in records:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in r.items()})
+        return buf.getvalue()
+    raise ValueError(f"export_records(): fmt must be 'json' or 'csv', got {fmt!r}")
+
+
+def _jsonl_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(path.glob("*.jsonl"))
+    if path.exists():
+        return [path]
+    raise FileNotFoundError(f"{path} does not exist (expected a .jsonl file or a folder of them)")
+
+
+def import_jsonl(path_or_dir, store=None) -> int:
+    """Load exported records (one JSON object per line); returns how many were new. Idempotent."""
+    records = []
+    for file in _jsonl_files(Path(path_or_dir)):
+        for lineno, line in enumerate(file.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StoreError(f"{file}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(rec, dict) or not rec.get("id") or not rec.get("benchmark"):
+                raise StoreError(f"{file}:{lineno}: a record needs at least 'id' and 'benchmark'")
+            records.append(rec)
+    with _connect(store) as conn:
+        return _insert(conn, records)
+
+
+def records_in_notebook(nb_path) -> list[dict]:
+    """The `RECORD_MIME` outputs of one executed .ipynb (read as plain JSON: no nbformat needed)."""
+    try:
+        nb = json.loads(Path(nb_path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"{nb_path}: not a readable notebook ({e})") from e
+    found = []
+    for cell in nb.get("cells", []):
+        for out in cell.get("outputs", []) if cell.get("cell_type") == "code" else []:
+            data = out.get("data", {}) if out.get("output_type") in ("display_data", "execute_result") else {}
+            rec = data.get(RECORD_MIME)
+            if isinstance(rec, str):  # some writers store JSON MIME bundles as text
+                rec = json.loads(rec)
+            if isinstance(rec, dict) and rec.get("id") and rec.get("benchmark"):
+                found.append(rec)
+    return found
+
+
+def harvest(runs_dir="runs", store=None) -> int:
+    """Rebuild rows from every executed notebook under `runs_dir`; returns how many were new."""
+    runs = Path(runs_dir)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"{runs} is not a folder of executed notebooks")
+    records = [r for nb in sorted(runs.rglob("*.ipynb")) if ".ipynb_checkpoints" not in nb.parts
+               for r in records_in_notebook(nb)]
+    with _connect(store) as conn:
+        return _insert(conn, records)
+
+
+def series_key(rec: dict) -> tuple[str, str, str]:
+    """(benchmark, device, canonical params): only records with equal keys are comparable."""
+    return (rec["benchmark"], str(rec.get("device_name") or rec.get("device")), _canonical(rec.get("params") or {}))
+
+
+def series(records: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Group records into comparable series (never across devices or parameter sets), by time."""
+    out: dict[tuple[str, str, str], list[dict]] = {}
+    for rec in records:
+        out.setdefault(series_key(rec), []).append(rec)
+    return {k: sorted(v, key=lambda r: r.get("utc") or "") for k, v in out.items()}
+
+
+def cli(args) -> int:
+    """`fluxlab results list|export|import|harvest` (see fluxlab.cli._add_results)."""
+    try:
+        if args.results_cmd == "list":
+            recs = query(args.store)
+            if not recs:
+                print(f"no records in {_path(args.store)}")
+            for r in recs:
+                ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.3f}"
+                ci = "" if r.get("ci_low") is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+                print(f"{r.get('utc', '?')[:19]}  {r['benchmark']:<32} {str(r.get('device_name') or r.get('device')):<24} "
+                      f"{str(r.get('verdict')):<14} {ratio}{ci}  {r['id'][:8]}")
+            return 0
+        if args.results_cmd == "export":
+            recs = query(args.store)
+            text = export_records("json" if args.json else "csv", records=recs)
+            if args.out in (None, "-"):
+                sys.stdout.write(text)
+            else:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.out).write_text(text)
+                print(f"{len(recs)} records written to {args.out}")
+            return 0
+        if args.results_cmd == "import":
+            n = import_jsonl(args.path, args.store)
+            print(f"{n} new records imported from {args.path} into {_path(args.store)}")
+            return 0
+        if args.results_cmd == "harvest":
+            n = harvest(args.path, args.store)
+            print(f"{n} new records harvested from {args.path} into {_path(args.store)}")
+            return 0
+    except StoreError as e:
+        print(f"fluxlab: error: {e}", file=sys.stderr)
+        return 2
+    raise ValueError(f"unknown results command {args.results_cmd!r}")

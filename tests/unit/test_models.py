@@ -1,0 +1,89 @@
+"""The tiny pipeline: offline build, byte-identical rebuilds, the stock from_pretrained path."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fluxlab import models
+from fluxlab.cli import main
+
+
+def _digest(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "seed0"
+    assert main(["tiny", "build", str(out), "--seed", "0"]) == 0
+    return out
+
+
+def test_same_seed_gives_identical_bytes(built, tmp_path):
+    again = models.build_tiny_pipeline(tmp_path / "again", seed=0)
+    assert _digest(built) == _digest(again)
+    other = models.build_tiny_pipeline(tmp_path / "other", seed=1)
+    assert _digest(other)["transformer/diffusion_pytorch_model.safetensors"] != \
+        _digest(built)["transformer/diffusion_pytorch_model.safetensors"]
+
+
+def test_from_pretrained_generates_an_image(built, monkeypatch):
+    from diffusers import FluxPipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = FluxPipeline.from_pretrained(built, local_files_only=True)
+    out = pipe("a large red circle at the top left", height=64, width=64, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), max_sequence_length=32, output_type="pt").images
+    assert out.shape == (1, 3, 64, 64)
+    assert torch.isfinite(out).all() and out.std() > 0
+
+
+def test_tiny_keeps_flux_layout(built):
+    t = json.loads((built / "transformer" / "config.json").read_text())
+    assert t["in_channels"] == 64 and t["guidance_embeds"] is True          # 16 latent channels × 2×2 packing
+    assert sum(t["axes_dims_rope"]) == t["attention_head_dim"] and len(t["axes_dims_rope"]) == 3
+    v = json.loads((built / "vae" / "config.json").read_text())
+    assert v["latent_channels"] == 16
+    assert (v["shift_factor"], v["scaling_factor"]) == (models.FLUX_VAE_SHIFT, models.FLUX_VAE_SCALE)
+    s = json.loads((built / "scheduler" / "scheduler_config.json").read_text())
+    assert s["_class_name"] == "FlowMatchEulerDiscreteScheduler" and s["use_dynamic_shifting"] is True
+
+
+def test_tokenizers_cover_captions(built):
+    from transformers import CLIPTokenizer, T5TokenizerFast
+
+    clip = CLIPTokenizer.from_pretrained(built / "tokenizer")
+    t5 = T5TokenizerFast.from_pretrained(built / "tokenizer_2")
+    text = "a small blue triangle at the bottom right on a plain background"
+    assert clip.unk_token_id not in clip(text).input_ids[1:-1]
+    assert t5.unk_token_id not in t5(text).input_ids
+
+
+@pytest.mark.parametrize("preset,expected", [("flux1-dev", 11.90e9), ("flux1-schnell", 11.85e9)])
+def test_real_presets_have_flux_parameter_count(preset, expected):
+    # Built on the meta device: the real shapes, no memory. The GPU build uses the same code path.
+    model = models.build_transformer(preset, device="meta", dtype=torch.bfloat16)
+    n = models.param_count(model)
+    assert abs(n - expected) / expected < 0.01, n
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+@pytest.mark.parametrize("make_bad,needle", [
+    (lambda p: None, "no such directory"),
+    (lambda p: p.mkdir(), "no model_index.json"),
+    (lambda p: (p.mkdir(), (p / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')),
+     "not a FLUX pipeline"),
+    (lambda p: (p.mkdir(), (p / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')),
+     "missing component folder"),
+    (lambda p: (p.mkdir(), (p / "model_index.json").write_text('{"_class_name": ')), "not valid JSON"),
+])
+def test_bad_model_path_gets_a_helpful_error(tmp_path, make_bad, needle):
+    bad = tmp_path / "model"
+    make_bad(bad)
+    with pytest.raises(models.ModelLayoutError, match=needle):
+        models.load_pipeline(bad, device="cpu")
+    assert main(["generate", "--model", str(bad), "--out", str(tmp_path / "x.png")]) == 2
