@@ -48,13 +48,6 @@ def reset_counters() -> None:
     _fallbacks.clear()
 
 
-def _sdp_backend(name: str):
-    from torch.nn.attention import SDPBackend
-
-    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-            "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name]
-
-
 def resolve(backend: str, query: torch.Tensor) -> str:
     """Pick the backend for these inputs. ``auto`` prefers cuDNN (fastest on Hopper), then flash.
 
@@ -99,21 +92,28 @@ class _DenseGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _attend(name: str, q, k, v, grad: bool) -> torch.Tensor:
+    """One backend's aten op, called directly: it runs that kernel or raises, never silently another."""
+    aten = torch.ops.aten
+    if name == "cudnn":
+        return aten._scaled_dot_product_cudnn_attention(q, k, v, None, grad)[0]
+    if name == "flash":
+        return aten._scaled_dot_product_flash_attention(q, k, v)[0]
+    if name == "efficient":
+        return aten._scaled_dot_product_efficient_attention(q, k, v, None, grad)[0]
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Scaled dot-product attention on diffusers' layout. q, k, v: [B, S, H, D] -> [B, S, H, D]."""
     chosen = resolve(backend, query)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))      # [B, H, S, D]
-    if query.device.type == "cuda":
-        from torch.nn.attention import sdpa_kernel
-
-        with sdpa_kernel([_sdp_backend(chosen)]):
-            out = F.scaled_dot_product_attention(q, k, v)           # [B, H, S, D]
-    else:
-        out = F.scaled_dot_product_attention(q, k, v)
-    out = out.transpose(1, 2)                                         # [B, S, H, D]
-    if chosen == "cudnn" and out.requires_grad:
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    out = _attend(chosen, q, k, v, grad).transpose(1, 2)             # [B, S, H, D]
+    if chosen == "cudnn" and grad:
         out = _DenseGrad.apply(out)
-    _counts[chosen] += 1
+    if not torch.compiler.is_compiling():  # compiled runs are proven by profiler kernel names instead
+        _counts[chosen] += 1
     return out
 
 

@@ -85,7 +85,13 @@ def module_identity(module: torch.nn.Module) -> str:
 def tokenizer_identity(tok) -> str:
     """SHA-256 of everything that decides a tokenizer's ids: vocab, merges, normalizer, specials."""
     backend = getattr(tok, "backend_tokenizer", None)
-    spec = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # Each call re-sets the backend's truncation/padding to that call's arguments: call state,
+        # not identity (the max length is part of the key on its own).
+        spec.pop("truncation", None), spec.pop("padding", None)
+    else:
+        spec = tok.get_vocab()
     return _sha256_json({"class": type(tok).__name__, "spec": spec,
                          "specials": list(getattr(tok, "all_special_tokens", [])),
                          "model_max_length": getattr(tok, "model_max_length", None),
@@ -238,9 +244,13 @@ def _no_grad_encode(fn):
 # --- latents ------------------------------------------------------------------------------------
 def latent_preprocess(bucket: tuple[int, int], center_crop: bool, random_flip: bool) -> dict:
     """The preprocessing record a LatentCache key is built from. Trainer and `cache build` both
-    call this, so the two can never disagree about what a cached latent means."""
+    call this, so the two can never disagree about what a cached latent means.
+
+    Without center_crop the dataset crops at a random offset (drawn from seed, epoch, index): that
+    is augmentation, marked `random_crop`, and LatentCache bypasses it like a random flip.
+    """
     return {"bucket": [int(bucket[0]), int(bucket[1])], "center_crop": bool(center_crop),
-            "random_flip": bool(random_flip)}
+            "random_crop": not center_crop, "random_flip": bool(random_flip)}
 
 
 class LatentCache(ContentCache):
@@ -434,32 +444,44 @@ def disk_usage(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
 
 
 # --- CLI ----------------------------------------------------------------------------------------
-def build_caches(cfg, pipe=None, device: str | None = None) -> dict[str, dict[str, int]]:
+def build_caches(cfg, pipe=None) -> dict[str, dict[str, int]]:
     """Fill the latent, text and position caches for every item of a TrainConfig's dataset.
 
-    Returns this call's counters per cache (what `cache build --json` prints).
+    Returns this call's counters per cache (what `cache build --json` prints). Latents are
+    skipped when augmentation is on (random flip or random crop): the trainer encodes those
+    every step, exactly as Trainer._build_data decides.
     """
+    from diffusers.utils import logging as dlog
+
     from fluxlab import models
     from fluxlab.data import ImageCaptionDataset
 
-    device = device or getattr(cfg, "device", None) or models.default_device()
+    device = cfg.resolved_device() if hasattr(cfg, "resolved_device") else torch.device(models.default_device())
     pipe = pipe or models.load_pipeline(cfg.model, device=device)
-    ds = ImageCaptionDataset(cfg.data, cfg.resolution, center_crop=cfg.center_crop, random_flip=cfg.random_flip)
+    ds = ImageCaptionDataset(cfg.data, cfg.resolution, center_crop=cfg.center_crop,
+                             random_flip=cfg.random_flip, seed=cfg.seed)
     latents = LatentCache(cfg.cache_dir, pipe.vae, memory=False)
     texts = TextEmbeddingCache(cfg.cache_dir, pipe, cfg.max_sequence_length, memory=False)
     positions = PositionIdCache()
-    if cfg.random_flip:
-        print("note: random_flip is on, so latents are encoded every step and not cached", file=sys.stderr)
-    dtype = pipe.transformer.dtype if pipe.transformer is not None else torch.float32
-    for i in range(len(ds)):
-        item = ds[i]
-        if not cfg.random_flip:
-            pre = latent_preprocess(item["bucket"], cfg.center_crop, cfg.random_flip)
-            latents.get(item["image_sha256"], pre, lambda item=item: item["pixels"])
-        texts.get(item["caption"])
-        h, w = item["bucket"]
-        positions.get(h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, cfg.max_sequence_length,
-                      device, dtype)
+    augmented = cfg.random_flip or not cfg.center_crop
+    if augmented:
+        print("note: random flip/crop is on, so latents are encoded every step and not cached", file=sys.stderr)
+    dtype = pipe.transformer.dtype if getattr(pipe, "transformer", None) is not None else torch.float32
+    verbosity = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # encode_prompt warns once per caption it pads or truncates
+    try:
+        for i in range(len(ds)):
+            path, caption = ds.records[i]
+            bucket = ds.bucket_of(i)
+            if not augmented:
+                sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+                pre = latent_preprocess(bucket, cfg.center_crop, cfg.random_flip)
+                latents.get(sha, pre, lambda i=i: ds[i]["pixels"])  # decoded only on a miss
+            texts.get(caption)
+            positions.get(bucket[0] // pipe.vae_scale_factor, bucket[1] // pipe.vae_scale_factor,
+                          cfg.max_sequence_length, device, dtype)
+    finally:
+        dlog.set_verbosity(verbosity)
     return {"latent": latents.stats(), "text": texts.stats(), "position": positions.stats()}
 
 

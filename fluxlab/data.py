@@ -68,14 +68,16 @@ def _pillow_limits(max_pixels: int):
 
     Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; turning the warning into an
     error makes `max_pixels` the one limit. LOAD_TRUNCATED_IMAGES is forced off because a user
-    may have switched it on globally, which would hide truncation.
+    may have switched it on globally, which would hide truncation. Other decoder warnings
+    ("Corrupt EXIF data"...) are collected in the yielded list instead of going to stderr.
     """
     old_max, old_trunc = Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = max_pixels, False
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            yield
+            yield caught
     finally:
         Image.MAX_IMAGE_PIXELS, ImageFile.LOAD_TRUNCATED_IMAGES = old_max, old_trunc
 
@@ -154,7 +156,7 @@ class DatasetReport:
         if s.get("width_min") is not None:
             lines.append(f"  width {s['width_min']}..{s['width_max']} px   height {s['height_min']}..{s['height_max']} px")
         if s.get("caption_words_min") is not None:
-            lines.append(f"  caption words min {s['caption_words_min']}  median {s['caption_words_median']}"
+            lines.append(f"  caption words min {s['caption_words_min']}  median {s['caption_words_median']:g}"
                          f"  max {s['caption_words_max']}")
         if s.get("modes"):
             lines.append("  modes " + ", ".join(f"{m} {n}" for m, n in sorted(s["modes"].items())))
@@ -193,7 +195,7 @@ def _inspect_image(path: Path, rel: str, max_pixels: int, min_side: int,
         return None, None
     digest = hashlib.sha256(data).hexdigest()
     try:
-        with _pillow_limits(max_pixels):
+        with _pillow_limits(max_pixels) as caught:
             with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
                 im.verify()                 # structure and checksums; the image is unusable afterwards
             with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as im:
@@ -221,6 +223,8 @@ def _inspect_image(path: Path, rel: str, max_pixels: int, min_side: int,
         err.append(Issue(rel, f"too small: {w}x{h} px, under {min_side} px on the short side",
                          f"use images of at least {min_side} px, or delete it"))
         return None, digest
+    for msg in dict.fromkeys(str(c.message).strip() for c in caught):   # dedupe, keep order
+        warn.append(Issue(rel, f"decoder warning: {msg}", "the pixels decoded; re-save the image to clean it"))
     if note:
         warn.append(Issue(rel, note, "no action needed; re-save as 8-bit RGB to silence this"))
     if fmt == "PNG" and bit_depth == 16 and not note:
@@ -410,7 +414,7 @@ def make_sample_dataset(dir: str | os.PathLike, *, min_images: int = 12) -> Path
         _atomic_write(out / f"{stem}{CAPTION_EXT}", (caption.strip() + "\n").encode("utf-8"))
         copied += 1
     if copied < min_images:
-        raise RuntimeError(f"only {copied} of the captioned images exist in {src_dir} (need {min_images}); "
+        raise FileNotFoundError(f"only {copied} of the captioned images exist in {src_dir} (need {min_images}); "
                            "upgrade scikit-image")
     return out
 

@@ -164,8 +164,23 @@ def shared_copy(transformer: torch.nn.Module) -> torch.nn.Module:
     cls = type(transformer)
     with torch.device("meta"):
         twin = cls(**transformer.config)
-    twin.load_state_dict(transformer.state_dict(), assign=True)  # assign: share, don't copy
+    # assign=True: share, don't copy. Not strict: a QKV-fused source also holds to_qkv/to_added_qkv,
+    # which the stock twin does not use; anything the twin needs but cannot get is an error.
+    missing, unexpected = twin.load_state_dict(transformer.state_dict(), assign=True, strict=False)
+    unexpected = [k for k in unexpected if ".to_qkv." not in k and ".to_added_qkv." not in k]
+    if missing or unexpected:
+        raise ValueError(f"shared_copy: the source is not a stock {cls.__name__} (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}); was it quantized or patched with new weights?")
     return twin.eval().requires_grad_(False)
+
+
+def kernels_available() -> bool:
+    """Whether fluxlab.kernels provides patch() on this checkout."""
+    try:
+        from fluxlab import kernels
+    except ImportError:
+        return False
+    return callable(getattr(kernels, "patch", None))
 
 
 # --- measurements ----------------------------------------------------------------------------
@@ -295,7 +310,7 @@ def summarize_latency(samples_s, stages_s: dict | None = None, warmup_s=None) ->
 
 
 @dataclass
-class StageProfile:
+class VramStages:
     """Memory at the session's stages, and each budget check (bytes)."""
     metric: str  # "allocated" on CUDA, "rss" on the CPU
     stages: dict[str, dict]
@@ -332,6 +347,8 @@ class LeakReport:
     growth_bytes: int
     budget_bytes: float
     verdict: str  # "pass" or "leak"
+    peaks: list[int] = field(default_factory=list)  # CUDA: peak allocated during each generation
+    slope: dict | None = None  # fluxlab.memory.leak_verdict over the same values (trend, 99% CI)
 
     @property
     def ok(self) -> bool:
@@ -364,7 +381,7 @@ class InferenceSession:
     def __init__(self, model: str = "tiny", device: str | None = None, dtype: torch.dtype | None = None, *,
                  kernels: bool = False, compile: bool = False, quantize: str = "none", fuse_qkv: bool = False,
                  steps: int = 4, size: int = 64, guidance: float = 3.5, max_sequence_length: int = 512,
-                 compile_mode: str | None = None, pipe=None, seed: int = 0):
+                 compile_mode: str | None = None, compile_backend: str = "inductor", pipe=None, seed: int = 0):
         self.device = torch.device(device or default_device())
         self.dtype = dtype or default_dtype(self.device)
         if quantize not in QUANT_MODES:
@@ -379,7 +396,7 @@ class InferenceSession:
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in 1..512 (FLUX's T5 limit), got {max_sequence_length}")
         self.model, self.kernels, self.compile, self.quantize = str(model), kernels, compile, quantize
-        self.fuse_qkv, self.compile_mode, self.seed = fuse_qkv, compile_mode, seed
+        self.fuse_qkv, self.compile_mode, self.compile_backend, self.seed = fuse_qkv, compile_mode, compile_backend, seed
         self.steps, self.size, self.guidance, self.max_sequence_length = steps, size, guidance, max_sequence_length
         self.pipe = pipe
         self.patch_report = None
@@ -390,6 +407,7 @@ class InferenceSession:
     def params(self) -> dict:
         return {"model": self.model, "device": str(self.device), "dtype": str(self.dtype).replace("torch.", ""),
                 "kernels": self.kernels, "compile": self.compile, "compile_mode": self.compile_mode,
+                "compile_backend": self.compile_backend,
                 "quantize": self.quantize, "fuse_qkv": self.fuse_qkv, "steps": self.steps, "size": self.size,
                 "guidance": self.guidance, "max_sequence_length": self.max_sequence_length}
 
@@ -408,12 +426,15 @@ class InferenceSession:
             with torch.no_grad():
                 tr.fuse_qkv_projections()
         if self.kernels:
+            if not kernels_available():
+                raise ImportError("kernels=True, but fluxlab.kernels has no patch() on this checkout; "
+                                  "set kernels=False")
             from fluxlab import kernels
 
             self.patch_report = kernels.patch(tr)
         if self.compile:
             # bitsandbytes layers graph-break, so fullgraph only for unquantized blocks.
-            kw = {"fullgraph": self.quantize == "none"}
+            kw = {"fullgraph": self.quantize == "none", "backend": self.compile_backend}
             if self.compile_mode:
                 kw["mode"] = self.compile_mode
             tr.compile_repeated_blocks(**kw)
@@ -495,23 +516,7 @@ class InferenceSession:
     # -- measurements --
     def latency(self, prompts, seeds, warmup: int = 2, progress: bool = False) -> LatencyReport:
         """Time one generation per seed (prompts cycle), after `warmup` untimed-in-stats generations."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        seeds = list(seeds)
-        if not prompts or not seeds:
-            raise ValueError("latency() needs at least one prompt and one seed")
-        from tqdm.auto import tqdm
-
-        warm = []
-        for i in range(warmup):
-            _, t = self.generate(prompts[i % len(prompts)], seeds[i % len(seeds)])
-            warm.append(t.total_s)
-        totals, stages = [], {k: [] for k in STAGES}
-        for i, seed in enumerate(tqdm(seeds, desc="latency", disable=not progress)):
-            _, t = self.generate(prompts[i % len(prompts)], seed)
-            totals.append(t.total_s)
-            for k in STAGES:
-                stages[k].append(getattr(t, f"{k}_s"))
-        return summarize_latency(totals, stages, warm)
+        return latency_interleaved({"session": self}, prompts, seeds, warmup, progress)["session"]
 
     def _metric(self) -> str:
         return "allocated" if self.device.type == "cuda" else "rss"
@@ -520,7 +525,7 @@ class InferenceSession:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def vram_stages(self, budgets: dict | None = None, prompt: str = "a red circle", seed: int = 0) -> StageProfile:
+    def vram_stages(self, budgets: dict | None = None, prompt: str = "a red circle", seed: int = 0) -> VramStages:
         """Memory at baseline (before loading), loaded, peak during one generation, after cleanup.
 
         `budgets` maps stage name (loaded, peak, after_cleanup, or `cleanup_leftover` = after_cleanup
@@ -565,7 +570,7 @@ class InferenceSession:
             else:
                 raise ValueError(f"unknown budget {name!r}; budgets can name {[*stages, *derived]}")
             checks.append({"name": name, "value": int(value), "budget": float(budget), "ok": value <= budget})
-        return StageProfile(metric=metric, stages=stages, budgets=dict(budgets or {}), checks=checks)
+        return VramStages(metric=metric, stages=stages, budgets=dict(budgets or {}), checks=checks)
 
     def leak_test(self, n: int = 10, budget_bytes: float = 50 * MiB, warmup: int = 2,
                   prompt: str = "a red circle", progress: bool = False) -> LeakReport:
@@ -580,16 +585,25 @@ class InferenceSession:
 
         for i in range(warmup):
             self.generate(prompt, i)
-        metric, values = self._metric(), []
+        metric, values, peaks = self._metric(), [], []
         for i in tqdm(range(n), desc="leak test", disable=not progress):
+            self._reset_peak()
             image, _ = self.generate(prompt, warmup + i)
             del image
             gc.collect()
             _sync(self.device)
-            values.append(int(memory_now(self.device)[metric]))
+            now = memory_now(self.device)
+            values.append(int(now[metric]))
+            if now["peak"] is not None:
+                peaks.append(int(now["peak"]))
         growth = values[-1] - values[0]
+        slope = None
+        if n >= 3:
+            from fluxlab.memory import leak_verdict
+
+            slope = leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes).to_dict()
         return LeakReport(metric=metric, values=values, growth_bytes=growth, budget_bytes=float(budget_bytes),
-                          verdict="leak" if growth > budget_bytes else "pass")
+                          verdict="leak" if growth > budget_bytes else "pass", peaks=peaks, slope=slope)
 
     def determinism(self, seed: int = 0, other_seed: int = 1, prompt: str = "a red circle") -> DeterminismReport:
         """Same seed twice must be bit-identical, a different seed must differ.
@@ -636,6 +650,31 @@ class InferenceSession:
             if name and name not in ops:
                 ops.append(name)
         return ops
+
+
+def latency_interleaved(sessions: dict, prompts, seeds, warmup: int = 2,
+                        progress: bool = False) -> dict[str, LatencyReport]:
+    """Like InferenceSession.latency for several sessions, alternating them per seed (ABAB), so
+    drift (clocks, thermals, other load) hits each alike. Returns one LatencyReport per name."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    seeds = list(seeds)
+    if not prompts or not seeds:
+        raise ValueError("latency_interleaved() needs at least one prompt and one seed")
+    from tqdm.auto import tqdm
+
+    warm = {k: [] for k in sessions}
+    for i in range(warmup):
+        for name, s in sessions.items():
+            warm[name].append(s.generate(prompts[i % len(prompts)], seeds[i % len(seeds)])[1].total_s)
+    totals = {k: [] for k in sessions}
+    stages = {k: {st: [] for st in STAGES} for k in sessions}
+    for i, seed in enumerate(tqdm(seeds, desc="latency", disable=not progress)):
+        for name, s in sessions.items():
+            t = s.generate(prompts[i % len(prompts)], seed)[1]
+            totals[name].append(t.total_s)
+            for st in STAGES:
+                stages[name][st].append(getattr(t, f"{st}_s"))
+    return {k: summarize_latency(totals[k], stages[k], warm[k]) for k in sessions}
 
 
 def to_pil(image: torch.Tensor):

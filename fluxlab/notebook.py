@@ -20,13 +20,10 @@ import hashlib
 import itertools
 import json
 import os
-import queue
 import re
-import subprocess
 import sys
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -311,81 +308,111 @@ def cell_key(params: dict, preset: str) -> str:
 
 
 def gpu_ids() -> list[str]:
-    """The GPUs workers are pinned to: $CUDA_VISIBLE_DEVICES if set, else all torch sees."""
+    """The GPUs workers are pinned to: $CUDA_VISIBLE_DEVICES if set, else those `nvidia-smi -L`
+    lists (no torch import, no CUDA context in the runner), else none."""
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
         return [g.strip() for g in vis.split(",") if g.strip()]
-    try:
-        import torch
+    import shutil
+    import subprocess
 
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:
+    if not shutil.which("nvidia-smi"):
         return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
 def sweep(name: str | os.PathLike, preset: str = "full", grid: dict[str, list] | None = None, *,
           workers: int = 1, force: bool = False, runs_dir: str | os.PathLike = "runs",
           env: dict | None = None, timeout: float | None = None, on_cell=None) -> list[CellResult]:
-    """Run every cell of `grid` (name -> list of values) as its own notebook run, in `workers`
-    processes. Each output is runs/<name>/sweep/<cell-key>.ipynb beside <cell-key>.json (status)."""
+    """Run every cell of `grid` (name -> list of values) as its own notebook run.
+
+    Outputs are runs/<name>/sweep/<cell-key>.ipynb beside <cell-key>.json (the cell's status).
+    With `workers` > 1 the cells run in that many worker processes, each pinned to one GPU
+    (CUDA_VISIBLE_DEVICES, round robin over `gpu_ids()`); the kernels they launch inherit it.
+    """
     nb_path = resolve(name)
     base = check_parameters(nb_path, load_preset(nb_path, preset))
     # Check every value of every cell before running any: a typo must not cost half a sweep.
     cells = [check_parameters(nb_path, c) for c in grid_cells(grid or {})]
     out_dir = Path(runs_dir) / nb_path.stem / "sweep"
     out_dir.mkdir(parents=True, exist_ok=True)
-    gpus = gpu_ids()
-    slots: queue.Queue[int] = queue.Queue()
-    for w in range(max(1, workers)):
-        slots.put(w)
 
-    def one(varied: dict) -> CellResult:
+    results: dict[int, CellResult] = {}
+    todo = []
+    for i, varied in enumerate(cells):
         params = {**base, **varied}
         key = cell_key(params, preset)
         status_file, output = out_dir / f"{key}.json", out_dir / f"{key}.ipynb"
-        if not force and status_file.exists():
+        prev = {}
+        if status_file.exists():
             with contextlib.suppress(ValueError, OSError):
                 prev = json.loads(status_file.read_text())
-                if prev.get("ok"):
-                    return CellResult(key, varied, "skipped", str(output), records=prev.get("records", 0))
-        slot = slots.get()
-        gpu = gpus[slot % len(gpus)] if gpus else None
-        try:
-            spec = {"nb_path": str(nb_path), "output": str(output), "params": params, "preset": preset,
-                    "status": str(status_file), "timeout": timeout,
-                    "env": {**(env or {}), **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {})}}
-            status_file.unlink(missing_ok=True)
-            t0 = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-m", "fluxlab.notebook", "--cell", json.dumps(spec)],
-                                  capture_output=True, text=True)
-            seconds = round(time.perf_counter() - t0, 2)
-        finally:
-            slots.put(slot)
-        try:
-            st = json.loads(status_file.read_text())
-        except (OSError, ValueError):
-            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
-            st = {"ok": False, "error": f"cell process died: {tail[0]}", "records": 0}
-            status_file.write_text(json.dumps({**st, "params": params}))
-        res = CellResult(key, varied, "ok" if st.get("ok") else "failed", str(output), st.get("error", ""),
-                         seconds, gpu, st.get("records", 0))
+        if prev.get("ok") and not force:
+            results[i] = CellResult(key, varied, "skipped", str(output), records=prev.get("records", 0))
+            continue
+        todo.append((i, varied, {"nb_path": str(nb_path), "output": str(output), "params": params,
+                                 "preset": preset, "status": str(status_file), "timeout": timeout,
+                                 "env": dict(env or {})}))
+
+    def done(i: int, varied: dict, spec: dict, st: dict) -> None:
+        res = CellResult(Path(spec["output"]).stem, varied, "ok" if st.get("ok") else "failed", spec["output"],
+                         st.get("error", ""), st.get("seconds", 0.0), st.get("gpu"), st.get("records", 0))
+        results[i] = res
         if on_cell:
             on_cell(res)
-        return res
 
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        return list(pool.map(one, cells))
+    gpus = gpu_ids()
+    if workers <= 1 or len(todo) <= 1:
+        for i, varied, spec in todo:
+            if gpus:
+                spec["env"].setdefault("CUDA_VISIBLE_DEVICES", gpus[0])
+            done(i, varied, spec, _run_cell(spec))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
+        pins = ctx.Queue()
+        n = min(workers, len(todo))
+        for w in range(n):
+            pins.put(gpus[w % len(gpus)] if gpus else "")
+        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_pin_worker, initargs=(pins,)) as pool:
+            futures = {pool.submit(_run_cell, spec): (i, varied, spec) for i, varied, spec in todo}
+            for fut in as_completed(futures):
+                i, varied, spec = futures[fut]
+                try:
+                    st = fut.result()
+                except Exception as exc:  # the worker itself died: this cell failed, the rest go on
+                    st = {"ok": False, "error": f"worker died: {_error_of(exc)}"}
+                    Path(spec["status"]).write_text(json.dumps({**st, "params": spec["params"]}, default=str))
+                done(i, varied, spec, st)
+    return [results[i] for i in range(len(cells))]
 
 
-def _run_cell(spec: dict) -> int:
-    """Child process of `sweep`: run one cell and write its status file."""
+def _pin_worker(pins) -> None:
+    """Worker-process initializer: take one GPU for the life of the worker."""
+    gpu = pins.get()
+    if gpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def _run_cell(spec: dict) -> dict:
+    """Run one sweep cell and write its status file (in the caller's process or a worker)."""
     output = Path(spec["output"])
+    Path(spec["status"]).unlink(missing_ok=True)
+    t0 = time.perf_counter()
     ok, error = execute(Path(spec["nb_path"]), output, spec["params"], run_id=uuid.uuid4().hex[:12],
                         preset=spec["preset"], env=spec.get("env"), timeout=spec.get("timeout"))
-    Path(spec["status"]).write_text(json.dumps(
-        {"ok": ok, "error": error, "params": spec["params"], "output": str(output),
-         "records": len(records_in(output)), "utc": utc_stamp()}, default=str))
-    return 0 if ok else 1
+    st = {"ok": ok, "error": error, "params": spec["params"], "output": str(output),
+          "records": len(records_in(output)), "seconds": round(time.perf_counter() - t0, 2),
+          "gpu": (spec.get("env") or {}).get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
+          "utc": utc_stamp()}
+    Path(spec["status"]).write_text(json.dumps(st, default=str))
+    return st
 
 
 def sweep_summary(results: list[CellResult]) -> str:
@@ -446,7 +473,151 @@ def _run_all_names(preset: str) -> list[str]:
     return [n for n in NOTEBOOKS if n in have] + [n for n in have if n not in NOTEBOOKS]
 
 
-if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--cell":
-        sys.exit(_run_cell(json.loads(sys.argv[2])))
-    sys.exit("usage: python -m fluxlab.notebook --cell SPEC_JSON (internal; use `fluxlab notebook`)")
+# --- helpers the notebooks call (display only: no measuring, no deciding) -----------------------
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of `rows` (dicts), columns in first-seen order unless given."""
+    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def show_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Display rows as a table in the notebook (Markdown; plain text elsewhere)."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(table_markdown(rows, columns) if rows else "_(no rows)_"))
+
+
+def browse(records: list[dict], label=lambda r: f"{r.get('benchmark')} {r.get('verdict')}",
+           fields: tuple[str, ...] = ("benchmark", "verdict", "ratio", "ci_low", "ci_high", "device_name",
+                                      "params", "metrics")) -> None:
+    """An ipywidgets browser over already-recorded results: a dropdown and the chosen record's
+    fields. The callback only formats a stored record; it never measures. Shown once headless."""
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    if not records:
+        print("no records to browse")
+        return
+    pick = widgets.Dropdown(options=[(label(r), i) for i, r in enumerate(records)], description="record")
+    out = widgets.Output()
+
+    def render(change=None):
+        rec = records[pick.value]
+        out.clear_output()
+        with out:
+            display({"text/markdown": table_markdown([{"field": f, "value": json.dumps(rec.get(f), default=str)[:200]}
+                                                      for f in fields])}, raw=True)
+
+    pick.observe(render, names="value")
+    render()  # headless runs call it once
+    display(widgets.VBox([pick, out]))
+
+
+# --- regression analysis helpers (regression_analysis.ipynb) -------------------------------------
+def series_samples(rec: dict) -> list[float] | None:
+    """The times a record's series tracks: the candidate's samples of a comparison record, or a
+    flat list of samples; None when the record holds fewer than 3 numbers."""
+    s = rec.get("samples")
+    if isinstance(s, dict):
+        s = s.get("candidate", next(iter(s.values()), None))
+    if isinstance(s, list) and len(s) >= 3 and all(isinstance(x, (int, float)) and x > 0 for x in s):
+        return [float(x) for x in s]
+    return None
+
+
+def _key_fields(key: tuple) -> dict:
+    benchmark, device, params = key
+    return {"benchmark": benchmark, "device": device, "params": params}
+
+
+def latest_vs_baseline(groups: dict, baseline: str = "first") -> list[dict]:
+    """Per series (one benchmark, device and parameter set; `store.series` groups them): the
+    latest record's samples against the first (or previous) record's, by `bench.compare`.
+    ratio > 1 means the latest run is faster."""
+    from fluxlab import bench
+
+    if baseline not in ("first", "previous"):
+        raise ValueError(f"baseline must be 'first' or 'previous', got {baseline!r}")
+    rows = []
+    for key, recs in groups.items():
+        timed = [r for r in recs if series_samples(r)]
+        if len(timed) < 2:
+            continue
+        base, latest = (timed[0] if baseline == "first" else timed[-2]), timed[-1]
+        devices = {str(r.get("device_name") or r.get("device")) for r in (base, latest)}
+        assert len(devices) == 1, f"series {key} mixes devices {devices}"  # internal invariant
+        c = bench.compare(series_samples(base), series_samples(latest))
+        change = {"slower": "regression", "faster": "improvement"}.get(c.verdict, "-")
+        rows.append({**_key_fields(key), "n_records": len(timed), "baseline_id": base["id"][:8],
+                     "latest_id": latest["id"][:8], "ratio": c.ratio, "ci_low": c.ci_low, "ci_high": c.ci_high,
+                     "cv": c.cv, "verdict": c.verdict, "change": change})
+    return rows
+
+
+def change_point_scan(groups: dict, min_points: int = 6) -> list[dict]:
+    """`bench.change_points` over each series' per-record medians (series with >= min_points)."""
+    import numpy as np
+
+    from fluxlab import bench
+
+    rows = []
+    for key, recs in groups.items():
+        med = [float(np.median(series_samples(r))) for r in recs if series_samples(r)]
+        if len(med) < min_points:
+            continue
+        cps = bench.change_points(med)
+        bounds = [0, *cps, len(med)]
+        for j, cp in enumerate(cps):
+            before = float(np.mean(med[bounds[j]:cp]))
+            after = float(np.mean(med[cp:bounds[j + 2]]))
+            rows.append({**_key_fields(key), "index": cp, "before_ms": before, "after_ms": after,
+                         "change": "regression" if after > before else "improvement"})
+        if not cps:
+            rows.append({**_key_fields(key), "index": None, "before_ms": None, "after_ms": None, "change": "-"})
+    return rows
+
+
+def synthetic_history(n: int = 12, shift_at: int | None = 8, shift: float = 0.15, cv: float = 0.02,
+                      samples: int = 15, seed: int = 0, benchmark: str = "control/planted") -> list[dict]:
+    """A made-up series (device "synthetic") whose times rise by `shift` from record `shift_at`
+    on (None: no shift): the positive and negative controls of the regression analysis."""
+    import numpy as np
+
+    from fluxlab import bench
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        mean = 1.0 + (shift if shift_at is not None and i >= shift_at else 0.0)
+        out.append({"id": f"{benchmark}-{i:04d}".ljust(12, "0"), "benchmark": benchmark, "device": "synthetic",
+                    "device_name": "synthetic", "params": {"shift_at": shift_at, "shift": shift},
+                    "utc": f"2000-01-01T00:00:{i:02d}Z", "verdict": None,
+                    "samples": {"candidate": bench.lognormal_samples(rng, samples, cv=cv, mean=mean).tolist()}})
+    return out
+
+
+def measured_aa(trials: int = 10, repeats: int = 15, warmup: int = 2, device="cpu", seed: int = 0):
+    """Real A/A runs on this machine: one function timed against itself, interleaved, `trials`
+    times. Returns (verdict counts, false-positive rate). The workload is a small matmul."""
+    from collections import Counter
+
+    import torch
+
+    from fluxlab import bench
+
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(96, 96, generator=g).to(device)
+    fn = lambda: a @ a  # noqa: E731
+    counts: Counter = Counter()
+    for _ in range(trials):
+        t = bench.time_interleaved({"A": fn, "A'": fn}, repeats=repeats, warmup=warmup, device=device)
+        counts[bench.compare(t["A"], t["A'"]).verdict] += 1
+    return dict(counts), (counts["faster"] + counts["slower"]) / max(trials, 1)

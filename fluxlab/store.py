@@ -89,6 +89,10 @@ def provenance(notebook: str | None = None, params: dict | None = None) -> dict:
     versions and UTC time. Cheap: no imports beyond what is loaded; git with a timeout."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain") if commit is not None else None
+    if commit is None and os.environ.get("FLUXLAB_GIT_COMMIT"):
+        # A copy without .git (e.g. a tree shipped to a GPU box): the caller states what it is.
+        commit = os.environ["FLUXLAB_GIT_COMMIT"]
+        status = "dirty" if os.environ.get("FLUXLAB_GIT_DIRTY", "1") != "0" else ""
     prov = {
         "run_id": run_id(),
         "notebook": notebook or os.environ.get("FLUXLAB_NOTEBOOK"),

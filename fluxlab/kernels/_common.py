@@ -163,6 +163,14 @@ def next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def rows_per_program(n_rows: int, row_block: int) -> int:
+    """Rows one program takes (a power of 2). On a GPU about 4096 elements per program keeps
+    registers in bounds; the CPU interpreter runs programs one after another with a fixed cost each,
+    so there it takes as many rows as fit 64 Ki elements. Same kernel code either way."""
+    budget = (1 << 16) if interpreting() else 4096
+    return max(1, min(next_pow2(n_rows), budget // row_block))
+
+
 if HAVE_TRITON:
     @triton.jit
     def _probe():  # only its type matters: tells whether @triton.jit built interpreted kernels

@@ -44,6 +44,19 @@ if C.HAVE_TRITON:
         return (1.0 / tl.sqrt(ms + eps))[:, None]
 
     @triton.jit
+    def _rows(S, H, P, seq_off, so_b, so_h, so_s, R, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+        # A contiguous stream [B, S, H, 2P] is R = B*S*H rows (one head of one token each); this
+        # program takes BLOCK_R of them. Row r = (b*S + s)*H + h goes to out[b, h, seq_off + s, :].
+        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BLOCK_R, 1]
+        p = tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
+        mask = (row < R) & (p < P)
+        tok, h = row // H, row % H
+        pos = seq_off + tok % S  # position in the joint sequence
+        x_off = row * 2 * P + 2 * p
+        o_off = (tok // S) * so_b + h * so_h + pos * so_s + 2 * p
+        return p, mask, pos, x_off, o_off
+
+    @triton.jit
     def _fwd_one(x_ptr, w_ptr, o_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC: tl.constexpr):
         x_e, x_o = _load_pairs(x_ptr, x_off, mask, ACC)
         w_e, w_o = _load_pairs(w_ptr, 2 * p, p < P, ACC)
@@ -53,25 +66,19 @@ if C.HAVE_TRITON:
 
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-                    S, H, P, seq_off, so_b, so_h, so_s, eps,
-                    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-        # Per token (b, s) of a stream [B, S, H, D=2P] (contiguous), for x in (q, k):
-        #   n = x * r * w,  r = 1/sqrt(mean_d x^2 + eps)           (torch.nn.RMSNorm, fp32)
-        #   y = rope(n) at joint position seq_off + s               (see rope.rope_rotate)
-        # and y lands at out[b, :, seq_off + s, :] of the joint [B, H, S_joint, D] buffer.
-        tok = tl.program_id(0).to(tl.int64)
-        b, s = tok // S, tok % S
-        h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
-        p = tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
-        mask = (h < H) & (p < P)
-        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, seq_off + s, p, P, ACC)
-        x_off = tok * H * 2 * P + h * 2 * P + 2 * p
-        o_off = b * so_b + h * so_h + (seq_off + s) * so_s + 2 * p
+                    R, S, H, P, seq_off, so_b, so_h, so_s, eps,
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+        # Per row (one head of one token) of a stream, for x in (q, k):
+        #   n = x * r * w,  r = 1/sqrt(mean_d x^2 + eps)      (torch.nn.RMSNorm, in fp32)
+        #   y = rope(n) at joint position seq_off + s          (rope.rope_rotate)
+        # y lands in the joint [B, H, S_joint, D] buffer, the layout SDPA takes.
+        p, mask, pos, x_off, o_off = _rows(S, H, P, seq_off, so_b, so_h, so_s, R, BLOCK_R, BLOCK_P)
+        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, pos, p, mask, P, ACC)
         _fwd_one(q_ptr, wq_ptr, qo_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC)
         _fwd_one(k_ptr, wk_ptr, ko_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC)
 
     @triton.jit
-    def _bwd_one(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, tok, x_off, o_off, mask, p, P,
+    def _bwd_one(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, x_off, o_off, mask, p, P,
                  c_e, c_o, s_e, s_o, eps, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
         D = 2 * P
         x_e, x_o = _load_pairs(x_ptr, x_off, mask, ACC)
@@ -80,41 +87,39 @@ if C.HAVE_TRITON:
         dn_e, dn_o = rope_rotate_bwd(g_e, g_o, c_e, c_o, s_e, s_o)
         r = _rstd(x_e, x_o, D, eps)
         gw_e, gw_o = dn_e * w_e, dn_o * w_o
-        dot = ((tl.sum(gw_e * x_e, axis=1) + tl.sum(gw_o * x_o, axis=1)) / D)[:, None]  # [BLOCK_H, 1]
+        dot = ((tl.sum(gw_e * x_e, axis=1) + tl.sum(gw_o * x_o, axis=1)) / D)[:, None]  # [BLOCK_R, 1]
         r3 = r * r * r
         _store_pairs(dx_ptr, x_off, mask, r * gw_e - x_e * r3 * dot, r * gw_o - x_o * r3 * dot)
         pp = tl.arange(0, BLOCK_P)
-        _store_pairs(dw_ptr, tok * D + 2 * pp, pp < P,
+        dw_off = tl.program_id(0).to(tl.int64) * D + 2 * pp
+        _store_pairs(dw_ptr, dw_off, pp < P,
                      tl.sum(dn_e * x_e * r, axis=0), tl.sum(dn_o * x_o * r, axis=0))  # [BLOCK_P] each
 
     @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr,
                     dq_ptr, dk_ptr, dwq_ptr, dwk_ptr,
-                    S, H, P, seq_off, so_b, so_h, so_s, eps,
-                    ACC: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
+                    R, S, H, P, seq_off, so_b, so_h, so_s, eps,
+                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
         # With g the output gradient:  dn = rope^T(g);  gw = dn * w
         #   dx = r * gw - x * r^3 * mean_d(gw * x)
-        #   dw = sum over tokens and heads of dn * x * r   (this program writes its token's sum over
-        #        heads to row `tok` of dw [B*S, D]; the host sums the rows)
-        tok = tl.program_id(0).to(tl.int64)
-        b, s = tok // S, tok % S
-        h = tl.arange(0, BLOCK_H)[:, None]
-        p = tl.arange(0, BLOCK_P)[None, :]
-        mask = (h < H) & (p < P)
-        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, seq_off + s, p, P, ACC)
-        x_off = tok * H * 2 * P + h * 2 * P + 2 * p
-        o_off = b * so_b + h * so_h + (seq_off + s) * so_s + 2 * p
-        _bwd_one(q_ptr, wq_ptr, gq_ptr, dq_ptr, dwq_ptr, tok, x_off, o_off, mask, p, P,
+        #   dw = sum over rows of dn * x * r   (this program writes the sum over its rows to row
+        #        program_id of dw [n_programs, D]; the host sums those)
+        p, mask, pos, x_off, o_off = _rows(S, H, P, seq_off, so_b, so_h, so_s, R, BLOCK_R, BLOCK_P)
+        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, pos, p, mask, P, ACC)
+        _bwd_one(q_ptr, wq_ptr, gq_ptr, dq_ptr, dwq_ptr, x_off, o_off, mask, p, P,
                  c_e, c_o, s_e, s_o, eps, ACC, BLOCK_P)
-        _bwd_one(k_ptr, wk_ptr, gk_ptr, dk_ptr, dwk_ptr, tok, x_off, o_off, mask, p, P,
+        _bwd_one(k_ptr, wk_ptr, gk_ptr, dk_ptr, dwk_ptr, x_off, o_off, mask, p, P,
                  c_e, c_o, s_e, s_o, eps, ACC, BLOCK_P)
 
 
 # --- host launchers -------------------------------------------------------------------------------
 def _grid_args(x: torch.Tensor, out: torch.Tensor):
     B, S, H, D = x.shape
-    return (B * S,), dict(S=S, H=H, P=D // 2, so_b=out.stride(0), so_h=out.stride(1), so_s=out.stride(2),
-                          ACC=C.acc_dtype(x.dtype), BLOCK_H=C.next_pow2(H), BLOCK_P=C.next_pow2(D // 2))
+    R, BLOCK_P = B * S * H, C.next_pow2(D // 2)
+    BLOCK_R = C.rows_per_program(R, BLOCK_P)
+    return (triton.cdiv(R, BLOCK_R),), dict(
+        R=R, S=S, H=H, P=D // 2, so_b=out.stride(0), so_h=out.stride(1), so_s=out.stride(2),
+        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P)
 
 
 def launch_fwd(q, k, wq, wk, cos, sin, q_out, k_out, seq_off: int, eps: float) -> None:
@@ -127,10 +132,9 @@ def launch_fwd(q, k, wq, wk, cos, sin, q_out, k_out, seq_off: int, eps: float) -
 def launch_bwd(q, k, wq, wk, cos, sin, gq, gk, seq_off: int, eps: float):
     """Gradients of one stream: (dq, dk) [B, S, H, D] and (dwq, dwk) [D] in the accumulation dtype."""
     grid, kw = _grid_args(q, gq)
-    B, S, H, D = q.shape
     dq, dk = C.new_empty_like(q), C.new_empty_like(k)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dwq, dwk = (C.new_empty((B * S, D), acc, q.device) for _ in range(2))  # per-token partial sums
+    dwq, dwk = (C.new_empty((grid[0], q.shape[-1]), acc, q.device) for _ in range(2))  # per-program sums
     C.count(f"{FAMILY}.bwd")
     _bwd_kernel[grid](q, k, wq, wk, cos, sin, gq, gk, dq, dk, dwq, dwk, seq_off=seq_off, eps=eps, **kw)
     return dq, dk, dwq.sum(0), dwk.sum(0)
@@ -218,7 +222,7 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
     """
     _check(q, k, q_weight, k_weight, cos, sin, context)
     tensors = [q, k, q_weight, k_weight, cos, sin, *(context or ())]
-    if C.triton_can_serve(FAMILY, *tensors) and rope.fits_block(FAMILY, q.shape[2], q.shape[3]):
+    if C.triton_can_serve(FAMILY, *tensors) and rope.fits_block(FAMILY, q.shape[3]):
         return QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, eps, *(context or ()))
     return reference(q, k, q_weight, k_weight, cos, sin, eps, context)
 

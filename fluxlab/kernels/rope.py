@@ -17,7 +17,7 @@ from . import _common as C
 from ._common import tl, triton
 
 FAMILY = "rope"
-MAX_BLOCK = 16384  # elements one program holds (heads x pairs); larger layouts fall back
+MAX_PAIRS = 8192  # pairs in one head that one program holds; wider heads fall back
 
 
 # --- Triton -----------------------------------------------------------------------------------
@@ -36,28 +36,26 @@ if C.HAVE_TRITON:
         return g_e * c_e + g_o * s_o, g_o * c_o - g_e * s_e
 
     @triton.jit
-    def load_cos_sin(cos_ptr, sin_ptr, row, p, P, ACC: tl.constexpr):
-        """cos/sin [S, 2P] row `row`, split into even/odd members of each pair: 4 x [1, BLOCK_P]."""
-        off = row * 2 * P + 2 * p
-        m = p < P
-        c_e = tl.load(cos_ptr + off, mask=m, other=0.0).to(ACC)
-        c_o = tl.load(cos_ptr + off + 1, mask=m, other=0.0).to(ACC)
-        s_e = tl.load(sin_ptr + off, mask=m, other=0.0).to(ACC)
-        s_o = tl.load(sin_ptr + off + 1, mask=m, other=0.0).to(ACC)
+    def load_cos_sin(cos_ptr, sin_ptr, pos, p, mask, P, ACC: tl.constexpr):
+        """cos/sin [S, 2P] at rows `pos` [BLOCK_R, 1], split into the even/odd member of each pair p."""
+        off = pos * 2 * P + 2 * p
+        c_e = tl.load(cos_ptr + off, mask=mask, other=0.0).to(ACC)
+        c_o = tl.load(cos_ptr + off + 1, mask=mask, other=0.0).to(ACC)
+        s_e = tl.load(sin_ptr + off, mask=mask, other=0.0).to(ACC)
+        s_o = tl.load(sin_ptr + off + 1, mask=mask, other=0.0).to(ACC)
         return c_e, c_o, s_e, s_o
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, H, P,
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, R, S, H, P,
                      BACKWARD: tl.constexpr, ACC: tl.constexpr,
-                     BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr):
-        # One program per token (b, s): all H heads x P pairs of a contiguous [B, S, H, 2P]
-        # tensor, so the token's cos/sin row is read once and shared by every head.
-        tok = tl.program_id(0).to(tl.int64)
-        h = tl.arange(0, BLOCK_H)[:, None]  # [BLOCK_H, 1]
+                     BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+        # A contiguous [B, S, H, 2P] tensor seen as R = B*S*H rows of P pairs; this program takes
+        # BLOCK_R rows. Row r is head r % H of token r // H, at sequence position (r // H) % S.
+        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BLOCK_R, 1]
         p = tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
-        mask = (h < H) & (p < P)
-        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, tok % S, p, P, ACC)
-        off = tok * H * 2 * P + h * 2 * P + 2 * p
+        mask = (row < R) & (p < P)
+        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, (row // H) % S, p, mask, P, ACC)
+        off = row * 2 * P + 2 * p
         x_e = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         x_o = tl.load(x_ptr + off + 1, mask=mask, other=0.0).to(ACC)
         if BACKWARD:
@@ -73,9 +71,11 @@ def launch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     """x: [B, S, H, D] contiguous (or the output gradient when `backward`); cos, sin: [S, D]."""
     B, S, H, D = x.shape
     out = C.new_empty_like(x)
+    R, BLOCK_P = B * S * H, C.next_pow2(D // 2)
+    BLOCK_R = C.rows_per_program(R, BLOCK_P)
     C.count(f"{FAMILY}.{'bwd' if backward else 'fwd'}")
-    _rope_kernel[(B * S,)](x, cos, sin, out, S, H, D // 2, BACKWARD=backward, ACC=C.acc_dtype(x.dtype),
-                           BLOCK_H=C.next_pow2(H), BLOCK_P=C.next_pow2(D // 2))
+    _rope_kernel[(triton.cdiv(R, BLOCK_R),)](x, cos, sin, out, R, S, H, D // 2, BACKWARD=backward,
+                                             ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P)
     return out
 
 
@@ -108,10 +108,10 @@ def check_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, seq_len:
             raise ValueError(f"{name} must be [S, D] = [{S}, {D}], got {tuple(t.shape)}")
 
 
-def fits_block(family: str, H: int, D: int) -> bool:
-    """One program holds a token's H heads x D/2 pairs; record a fallback when that is too big."""
-    if C.next_pow2(H) * C.next_pow2(D // 2) > MAX_BLOCK:
-        C.record_fallback(family, f"H={H} x D={D} exceeds one program's block ({MAX_BLOCK} pairs)")
+def fits_block(family: str, D: int) -> bool:
+    """A program holds whole heads; record a fallback for a head too wide for one block."""
+    if C.next_pow2(D // 2) > MAX_PAIRS:
+        C.record_fallback(family, f"head dim D={D} exceeds one program's block ({2 * MAX_PAIRS})")
         return False
     return True
 
@@ -119,7 +119,7 @@ def fits_block(family: str, H: int, D: int) -> bool:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE of x [B, S, H, D] with cos, sin [S, D] (FluxPosEmbed's tables) -> [B, S, H, D] in x.dtype."""
     check_shapes(x, cos, sin)
-    if C.triton_can_serve(FAMILY, x, cos, sin) and fits_block(FAMILY, x.shape[2], x.shape[3]):
+    if C.triton_can_serve(FAMILY, x, cos, sin) and fits_block(FAMILY, x.shape[3]):
         return RopeFunction.apply(x, cos, sin)
     return reference(x, cos, sin)
 

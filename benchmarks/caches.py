@@ -1,0 +1,172 @@
+"""Training step time with cold caches against warm caches (tiny preset, CPU by default).
+
+    python benchmarks/caches.py [--batch 4] [--res 64] [--repeats 10] [--out benchmarks/results/caches.jsonl]
+    fluxlab bench caches [same options]
+
+One step = prepare a batch (latent distributions from the VAE or the LatentCache, a latent sample,
+T5/CLIP embeddings from the encoders or the TextEmbeddingCache, position ids) + one LoRA
+training step of the transformer (forward, flow-matching loss, backward, AdamW step).
+
+* cold: a fresh, empty cache folder and fresh cache objects every sample, so every look-up misses
+  (VAE encode, text encode, disk write).
+* warm: cache objects primed once and reused, so every look-up hits in memory; `warm_disk` uses
+  new objects over the primed folder each sample (hits read from disk, as a new process would).
+
+The three are interleaved sample by sample (cold, warm, warm_disk, cold, ...) so drift in the
+machine's load hits all of them alike. Times are perf_counter after warm-up: CPU numbers describe
+the workbench's own speed, never a GPU claim. One JSON line (raw samples + provenance) is
+appended to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", help="model preset or diffusers FLUX folder")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--res", type=int, default=64, help="image side in pixels (multiple of 16)")
+    p.add_argument("--max-seq", type=int, default=32, help="T5 max sequence length")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/caches.jsonl")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from diffusers import FluxPipeline
+    from diffusers.utils import logging as dlog
+    from peft import LoraConfig
+
+    from fluxlab import bench, store
+    from fluxlab.caches import LatentCache, PositionIdCache, TextEmbeddingCache, latent_preprocess
+    from fluxlab.data import ImageCaptionDataset, make_shapes_dataset
+    from fluxlab.models import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, load_pipeline
+
+    dlog.set_verbosity_error()  # encode_prompt warns on every caption it pads
+    device = torch.device(args.device)
+    pipe = load_pipeline(args.preset, device, torch.float32)
+    tr = pipe.transformer
+    tr.requires_grad_(False)
+    torch.manual_seed(args.seed)
+    tr.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                              target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    opt = torch.optim.AdamW([p for p in tr.parameters() if p.requires_grad], lr=1e-4)
+
+    work = Path(tempfile.mkdtemp(prefix="fluxlab-bench-caches-"))
+    data = make_shapes_dataset(work / "data", n=args.batch, seed=args.seed, size=args.res)
+    ds = ImageCaptionDataset(data, args.res, seed=args.seed)
+    shas = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p, _ in ds.records]
+    gen = torch.Generator("cpu").manual_seed(args.seed)
+
+    def step(latents: LatentCache, texts: TextEmbeddingCache, positions: PositionIdCache) -> float:
+        t0 = time.perf_counter()
+        # --- prepare the batch (what the caches speed up) ---
+        x0, embeds, pooled = [], [], []
+        for i in range(len(ds)):
+            pre = latent_preprocess(ds.bucket_of(i), True, False)
+            mean, logvar = latents.get(shas[i], pre, lambda i=i: ds[i]["pixels"])   # [16, h, w] each
+            x0.append((LatentCache.sample(mean, logvar, gen) - FLUX_VAE_SHIFT) * FLUX_VAE_SCALE)
+            e, p = texts.get(ds.records[i][1])                                       # [S, D], [Dp]
+            embeds.append(e), pooled.append(p)
+        x0 = torch.stack(x0).to(device)                          # [B, 16, h, w]
+        embeds, pooled = torch.stack(embeds).to(device), torch.stack(pooled).to(device)  # [B, S, D], [B, Dp]
+        b, c, h, w = x0.shape
+        img_ids, txt_ids = positions.get(h, w, embeds.shape[1], device, x0.dtype)  # [h/2*w/2, 3], [S, 3]
+        # --- one flow-matching LoRA step ---
+        noise = torch.randn(x0.shape, generator=gen).to(device)                    # [B, 16, h, w]
+        t = torch.rand(b, generator=gen).to(device)                                # [B]
+        xt = (1 - t[:, None, None, None]) * x0 + t[:, None, None, None] * noise
+        packed = FluxPipeline._pack_latents(xt, b, c, h, w)                        # [B, h/2*w/2, 64]
+        guidance = torch.full((b,), 3.5, device=device) if tr.config.guidance_embeds else None
+        pred = tr(hidden_states=packed, encoder_hidden_states=embeds, pooled_projections=pooled, timestep=t,
+                  img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        target = FluxPipeline._pack_latents(noise - x0, b, c, h, w)
+        torch.nn.functional.mse_loss(pred, target).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+
+    def fresh(folder):
+        return (LatentCache(folder, pipe.vae), TextEmbeddingCache(folder, pipe, args.max_seq),
+                PositionIdCache())
+
+    def cold() -> float:
+        with tempfile.TemporaryDirectory(dir=work) as d:
+            caches = fresh(d)
+            ms = step(*caches)
+            assert all(c.stats()["hits"] == 0 for c in caches), "a cold step must miss everywhere"
+            return ms
+
+    warm_dir = work / "warm"
+    warm = fresh(warm_dir)
+    step(*warm)  # prime: fills the folder and the in-memory layers
+
+    def warm_mem() -> float:
+        for c in warm:
+            c.reset_stats()
+        ms = step(*warm)
+        assert all(c.stats()["misses"] == 0 for c in warm), "a warm step must hit everywhere"
+        return ms
+
+    def warm_disk() -> float:
+        caches = fresh(warm_dir)
+        caches[2].precompute([ds.bucket_of(0)], args.max_seq, device, torch.float32)
+        ms = step(*caches)
+        assert caches[0].stats()["misses"] == caches[1].stats()["misses"] == 0
+        return ms
+
+    runs = {"cold": cold, "warm": warm_mem, "warm_disk": warm_disk}
+    samples: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(args.warmup + args.repeats):
+        for name, fn in runs.items():
+            ms = fn()
+            if i >= args.warmup:
+                samples[name].append(ms)
+
+    cmp = bench.compare(samples["cold"], samples["warm"])  # ratio = median cold / median warm
+    params = {"preset": args.preset, "batch": args.batch, "res": args.res, "max_seq": args.max_seq,
+              "rank": args.rank, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed}
+    rec = store.provenance(params=params)
+    rec.update({
+        "id": uuid.uuid4().hex, "benchmark": "caches_cold_vs_warm_step", "device": str(device),
+        "params": params, "verdict": cmp.verdict, "ratio": cmp.ratio, "ci_low": cmp.ci_low, "ci_high": cmp.ci_high,
+        "samples": samples, "samples_cold_ms": samples["cold"], "samples_warm_ms": samples["warm"],
+        "samples_warm_disk_ms": samples["warm_disk"],
+        "metrics": {f"median_{k}_ms": sorted(v)[len(v) // 2] for k, v in samples.items()} | {"cv": cmp.cv},
+    })
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:  # one whole line per run; JSON-lines readers skip nothing partial
+        f.write(json.dumps(rec, default=str) + "\n")
+    med = rec["metrics"]
+    print(f"cold {med['median_cold_ms']:.1f} ms, warm {med['median_warm_ms']:.1f} ms "
+          f"(from disk {med['median_warm_disk_ms']:.1f} ms): cold/warm = {cmp.ratio:.2f} "
+          f"[95% CI {cmp.ci_low:.2f}-{cmp.ci_high:.2f}], {cmp.verdict}; record appended to {out}")
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

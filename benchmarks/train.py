@@ -1,0 +1,262 @@
+"""FLUX LoRA training step: stock diffusers + peft against fluxlab, side by side, one machine, one call.
+
+    fluxlab bench train --preset flux1-dev --res 1024 --batch 1 --rank 16 [--variants a,b] --out DIR
+
+Every variant runs in its own process (a CUDA fault kills only that variant) on identical inputs:
+step i draws its latents, text embeddings, noise and timesteps from seed + i, so the loss curves
+of all variants are comparable step by step. Per variant it reports the median step time from
+CUDA events after warm-up, peak allocated memory, achieved TFLOP/s against the bf16 GEMM ceiling
+measured in the same call, the profiler's attention / GEMM / other split, and the evidence of
+which attention kernels and fluxlab kernels ran. Ratios against the stock variants go to
+`records.jsonl` in the store's export format.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+VARIANTS = {
+    # name: (attention, compile, memory mode, fluxlab kernels)
+    # memory mode: "none"; "full" = diffusers' per-block checkpointing (recompute everything);
+    # "budget:X" = selective: compile's min-cut partitioner under an activation-memory budget X
+    # keeps the expensive matmul/attention outputs and recomputes cheap elementwise work.
+    "stock_eager": ("stock-flash", False, "none", False),
+    "stock_compile": ("stock-flash", True, "none", False),
+    "stock_gc": ("stock-flash", False, "full", False),
+    "stock_cudnn": ("stock-cudnn", False, "none", False),        # the known defect, kept as a control
+    "fluxlab_eager": ("fluxlab-cudnn", False, "none", False),
+    "fluxlab_kernels": ("fluxlab-cudnn", False, "none", True),
+    "fluxlab_fast": ("fluxlab-cudnn", True, "none", False),
+    "fluxlab_lean": ("fluxlab-cudnn", True, "full", False),
+    "fluxlab_lean_budget": ("fluxlab-cudnn", True, "budget:0.1", False),
+}
+DEFAULT = "stock_eager,stock_compile,stock_gc,fluxlab_eager,fluxlab_fast,fluxlab_lean,fluxlab_lean_budget"
+
+
+def flux_train_flops(res: int, txt: int = 512, batch: int = 1) -> dict:
+    """FLOPs of one FLUX.1 LoRA step (frozen base: no weight-gradient GEMMs).
+
+    Every block holds 2*(4*3072^2 + 2*3072*12288) linear FLOPs per token (double blocks per
+    stream, single blocks fused); attention is 4*S^2*D*H per layer forward, 2.5x that backward.
+    """
+    s = (res // 16) ** 2 + txt
+    lin = 57 * 2 * (4 * 3072**2 + 2 * 3072 * 12288) * s * batch
+    attn = 57 * 4 * s * s * 128 * 24 * batch
+    return {"forward": lin + attn, "step": lin + attn + lin + 2.5 * attn}
+
+
+def classify(name: str) -> str:
+    low = name.lower()
+    if any(k in low for k in ("flash", "fmha", "cudnn", "sdpa", "attention")):
+        return "attention"
+    if any(k in low for k in ("gemm", "nvjet", "xmma", "cutlass", "cublas", "wgmma")):
+        return "gemm"
+    return "other"
+
+
+# --- child: one variant ---------------------------------------------------------------------------
+def run_variant(name: str, a) -> dict:
+    import torch
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    from fluxlab import attention, models
+    from fluxlab.trainer import flow_matching_loss
+
+    attn_mode, compile_, ckpt, use_kernels = VARIANTS[name]
+    torch.manual_seed(0)
+    model = models.build_transformer(a.preset, "cuda", torch.bfloat16)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
+                                 target_modules=LORA_TARGETS))
+    cast_training_params(model, dtype=torch.float32)          # LoRA params in fp32, as diffusers' script
+    evidence: dict = {}
+    if attn_mode.startswith("fluxlab"):
+        evidence["attention_modules_routed"] = attention.install(model, backend="cudnn")
+    if use_kernels:
+        from fluxlab import kernels
+
+        evidence["patch"] = kernels.patch(model).to_dict()
+    if ckpt == "full":
+        model.enable_gradient_checkpointing()
+    elif ckpt.startswith("budget:"):
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = float(ckpt.split(":")[1])
+    if compile_:
+        model.compile_repeated_blocks(fullgraph=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    stock_backend = {"stock-flash": [SDPBackend.FLASH_ATTENTION],
+                     "stock-cudnn": [SDPBackend.CUDNN_ATTENTION]}.get(attn_mode)
+
+    scheduler = FlowMatchEulerDiscreteScheduler(**models.FLUX_DEV_SCHEDULER)
+    lat = a.res // 8
+    img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, lat // 2, lat // 2, "cuda", torch.bfloat16)
+    txt_ids = torch.zeros(512, 3, device="cuda", dtype=torch.bfloat16)
+
+    def batch(i):  # identical across variants: everything drawn from seed + i
+        g = torch.Generator("cuda").manual_seed(1000 + i)
+        return dict(latents=torch.randn(a.batch, 16, lat, lat, device="cuda", generator=g),    # [B, 16, h, w]
+                    prompt_embeds=torch.randn(a.batch, 512, 4096, device="cuda", generator=g).bfloat16(),
+                    pooled=torch.randn(a.batch, 768, device="cuda", generator=g).bfloat16(),
+                    noise=torch.randn(a.batch, 16, lat, lat, device="cuda", generator=g),
+                    u=torch.rand(a.batch, device="cuda", generator=g))                          # [B]
+
+    def step(b):
+        ctx = sdpa_kernel(stock_backend) if stock_backend else contextlib.nullcontext()
+        with ctx, torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = flow_matching_loss(model, **b, scheduler=scheduler, img_ids=img_ids, txt_ids=txt_ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    losses, times = [], []
+    first_steps_s = []
+    for i in range(a.warmup + a.steps):
+        b = batch(i)
+        torch.cuda.synchronize()
+        if i == a.warmup:
+            torch.cuda.reset_peak_memory_stats()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        start.record()
+        loss = step(b)
+        end.record()
+        torch.cuda.synchronize()
+        losses.append(float(loss))
+        (times if i >= a.warmup else first_steps_s).append(
+            start.elapsed_time(end) if i >= a.warmup else time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated()
+
+    # Profile two more steps: where the time goes, and which kernels really ran.
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(2):
+            step(batch(10_000 + i))
+        torch.cuda.synchronize()
+    split = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
+    names = set()
+    for e in prof.events():                    # kernel events: their own time range on the device
+        if e.device_type.name == "CUDA":
+            split[classify(e.name)] += e.time_range.elapsed_us() / 1e3 / 2    # ms per step
+            names.add(e.name)
+    evidence["attention_backends_seen"] = sorted(attention.classify_kernels(names))
+    evidence["attention_kernels"] = sorted(n for n in names if classify(n) == "attention")[:12]
+    evidence["attention_counters"] = attention.counters()
+    if use_kernels:
+        from fluxlab import kernels
+
+        evidence["kernel_counters"] = kernels.counters()
+        evidence["kernel_fallbacks"] = kernels.fallbacks()
+    return {"variant": name, "samples_ms": times, "median_ms": statistics.median(times),
+            "peak_gib": peak / 2**30, "losses": losses, "warmup_s": first_steps_s,
+            "profile_ms": split, "evidence": evidence}
+
+
+# --- parent: all variants, then records -------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="flux1-dev")
+    ap.add_argument("--res", type=int, default=1024)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--variants", default=DEFAULT)
+    ap.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default="runs/bench_train")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        print("RESULT " + json.dumps(run_variant(a.child, a)), flush=True)
+        return 0
+    unknown = [v for v in a.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from fluxlab import bench, store
+
+    ceil = bench.measure_ceilings("cuda")
+    torch.cuda.empty_cache()
+    flops = flux_train_flops(a.res, batch=a.batch)["step"]
+    results = {}
+    for name in a.variants.split(","):
+        t0 = time.time()
+        cmd = [sys.executable, __file__, "--child", name] + [f"--{k}={getattr(a, k)}" for k in
+                                                              ("preset", "res", "batch", "rank", "steps", "warmup")]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a_timeout(a))
+        res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
+        if res is None:
+            tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:400]
+            res = {"variant": name, "error": tail, "rc": p.returncode}
+        res["wall_s"] = round(time.time() - t0, 1)
+        results[name] = res
+        (out / f"variant_{name}.json").write_text(json.dumps(res, indent=1))
+        print(_row(res, flops, ceil), flush=True)
+
+    params = {"preset": a.preset, "res": a.res, "batch": a.batch, "rank": a.rank, "lora_targets": LORA_TARGETS}
+    db = out / "bench.db"
+    for name, res in results.items():
+        if "error" in res:
+            store.record(f"train_step/{name}", verdict="error", params=params, metrics={"error": res["error"]},
+                         store=db, display=False)
+            continue
+        metrics = {"median_ms": res["median_ms"], "peak_gib": res["peak_gib"], "step_tflop": flops / 1e12,
+                   "tflops": flops / (res["median_ms"] / 1e3) / 1e12,
+                   "floor_ms": flops / (ceil["tflops"] * 1e12) * 1e3, "ceilings": ceil,
+                   "profile_ms": res["profile_ms"], "evidence": res["evidence"], "losses": res["losses"],
+                   "warmup_s": res["warmup_s"]}
+        metrics["fraction_of_floor"] = metrics["floor_ms"] / res["median_ms"]
+        ref = results.get("stock_eager", {})
+        if "losses" in ref and name != "stock_eager":
+            metrics["loss_max_rel_dev_vs_stock_eager"] = max(
+                abs(x - y) / max(abs(y), 1e-12) for x, y in zip(res["losses"], ref["losses"]))
+        # One record per (variant, stock baseline): the ratio is baseline / variant (> 1: faster).
+        bases = [b for b in ("stock_eager", "stock_compile", "stock_gc")
+                 if b != name and "samples_ms" in results.get(b, {})]
+        for base in bases or [None]:
+            c = bench.compare(results[base]["samples_ms"], res["samples_ms"]) if base else None
+            store.record(f"train_step/{name}" + (f"/vs_{base}" if base else ""), verdict=c and c.verdict,
+                         ratio=c and c.ratio, ci_low=c and c.ci_low, ci_high=c and c.ci_high,
+                         samples={"variant": res["samples_ms"], **({"baseline": results[base]["samples_ms"]} if base else {})},
+                         params=params, metrics=metrics, store=db, display=False)
+    (out / "records.jsonl").write_text(store.export_records("json", store=db))
+    print(json.dumps({"ceilings": ceil, "step_tflop": flops / 1e12}))
+    return 0
+
+
+def a_timeout(a) -> int:
+    return 420 if a.res >= 1024 else 300
+
+
+def _row(res: dict, flops: float, ceil: dict) -> str:
+    if "error" in res:
+        return f"{res['variant']:18s} ERROR rc={res.get('rc')} {res['error'][:200]}"
+    ms = res["median_ms"]
+    p = res["profile_ms"]
+    return (f"{res['variant']:18s} {ms:8.1f} ms  peak {res['peak_gib']:5.1f} GiB  "
+            f"{flops / (ms / 1e3) / 1e12:6.1f} TFLOP/s  attn {p['attention']:.0f} gemm {p['gemm']:.0f} "
+            f"other {p['other']:.0f} ms  backends {res['evidence'].get('attention_backends_seen')}  "
+            f"loss0 {res['losses'][0]:.4f} lossN {res['losses'][-1]:.4f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
