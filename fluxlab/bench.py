@@ -198,6 +198,12 @@ class Comparison:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def record_fields(self) -> dict:
+        """Keyword arguments for `store.record(name, samples=..., **cmp.record_fields())`."""
+        d = self.to_dict()
+        head = {k: d.pop(k) for k in ("verdict", "ratio", "ci_low", "ci_high")}
+        return {**head, "metrics": d}
+
 
 def _cv(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1) / np.mean(x))

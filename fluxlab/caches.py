@@ -416,7 +416,8 @@ def verify_cache(cache_dir: str | os.PathLike) -> dict:
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        raise FileNotFoundError(f"{cache_dir}: no such cache directory")
+        raise FileNotFoundError(f"{cache_dir}: no such cache directory; check the path "
+                                f"(`fluxlab cache build CONFIG` creates it)")
     checked, corrupt, evicted = 0, [], 0
     for path in _entries(cache_dir):
         checked += 1

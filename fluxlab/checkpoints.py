@@ -179,6 +179,8 @@ def _read_verified(path: Path) -> dict[str, bytes]:
             raise CheckpointError(f"{fpath}: missing (listed in the manifest); {_RESUME_HINT}")
         data = fpath.read_bytes()
         want = files[name]
+        if not isinstance(want, dict) or not {"size", "sha256"} <= want.keys():
+            raise CheckpointError(f"{mpath}: malformed entry for {name}; {_RESUME_HINT}")
         if len(data) != want["size"]:
             raise CheckpointError(f"{fpath}: truncated or resized ({len(data)} bytes, manifest says "
                                   f"{want['size']}); {_RESUME_HINT}")
@@ -230,34 +232,36 @@ def latest_checkpoint(root: str | os.PathLike) -> tuple[Path | None, list[tuple[
 
 
 def apply_retention(root: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete all but the newest `keep_last` checkpoints and the best by meta["val_loss"].
+    """Delete all but the newest `keep_last` checkpoints that verify and the best by meta["val_loss"].
 
-    Returns the deleted paths. The best is chosen among checkpoints that verify.
+    Returns the deleted paths. Only checkpoints that verify count towards `keep_last`, so a corrupt
+    newest one never pushes out the last good one. Corrupt ones newer than the oldest kept stay
+    (for inspection; `latest_checkpoint` names them); older corrupt ones go. Cost: every remaining
+    checkpoint is read and hashed once per call.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    ckpts = list_checkpoints(root)
-    keep = {p for _, p in ckpts[:keep_last]}
-    best, best_loss = None, float("inf")
-    for _, p in ckpts:
+    good, bad = [], []
+    for _, p in list_checkpoints(root):  # newest first
         try:
             verify_checkpoint(p)
-            loss = json.loads((p / META_FILE).read_bytes()).get("val_loss")
-        except (CheckpointError, json.JSONDecodeError):
-            continue
-        if loss is not None and float(loss) < best_loss:
-            best, best_loss = p, float(loss)
-    if best is not None:
-        keep.add(best)
-    deleted = []
-    for _, p in ckpts:
-        if p not in keep:
-            # Hide it first so a kill mid-delete never leaves a half folder that looks like a checkpoint.
-            hidden = p.parent / f".del-{p.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(p, hidden)
-            shutil.rmtree(hidden, ignore_errors=True)
-            deleted.append(p)
-    return deleted
+            good.append(p)
+        except CheckpointError:
+            bad.append(p)
+    keep = set(good[:keep_last])
+    losses = {p: json.loads((p / META_FILE).read_bytes()).get("val_loss") for p in good}
+    scored = [(float(loss), p) for p, loss in losses.items() if loss is not None]
+    if scored:
+        keep.add(min(scored, key=lambda x: x[0])[1])
+    oldest_kept = min((int(p.name.split("_")[1]) for p in keep), default=None)
+    doomed = [p for p in good if p not in keep]
+    doomed += [p for p in bad if oldest_kept is not None and int(p.name.split("_")[1]) < oldest_kept]
+    for p in doomed:
+        # Hide it first so a kill mid-delete never leaves a half folder that looks like a checkpoint.
+        hidden = p.parent / f".del-{p.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(p, hidden)
+        shutil.rmtree(hidden, ignore_errors=True)
+    return sorted(doomed, key=lambda p: int(p.name.split("_")[1]), reverse=True)
 
 
 # --- RNG state ----------------------------------------------------------------------------------

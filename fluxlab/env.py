@@ -29,18 +29,24 @@ def package_version(name: str) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _driver() -> str | None:
-    """NVIDIA driver version via nvidia-smi (torch does not expose it); None without a GPU."""
+def _nvidia_smi() -> list[tuple[str, str]]:
+    """[(GPU name, driver version)] from nvidia-smi (torch does not expose the driver); [] without a GPU."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
-        return None
+        return []
     try:
-        out = subprocess.run([exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+        out = subprocess.run([exe, "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
-    lines = out.stdout.strip().splitlines()
-    return lines[0].strip() if out.returncode == 0 and lines else None
+        return []
+    if out.returncode != 0:
+        return []
+    return [tuple(part.strip() for part in line.rsplit(",", 1)) for line in out.stdout.strip().splitlines() if "," in line]
+
+
+def _driver() -> str | None:
+    gpus = _nvidia_smi()
+    return gpus[0][1] if gpus else None
 
 
 def triton_mode() -> str:
@@ -48,13 +54,19 @@ def triton_mode() -> str:
     return "interpreted" if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0") else "compiled"
 
 
-def _device_info(torch) -> dict:
-    if torch is not None and torch.cuda.is_available():
-        idx = torch.cuda.current_device()
-        return {"device": f"cuda:{idx}", "device_name": torch.cuda.get_device_name(idx),
+def _device_info(torch, init: bool) -> dict:
+    """Device fields from torch. Without `init`, a process that has not touched CUDA yet is not
+    made to (that costs a context, ~0.5 s and GPU memory): the name then comes from nvidia-smi."""
+    if torch.cuda.is_available():
+        if init or torch.cuda.is_initialized():
+            idx = torch.cuda.current_device()
+            return {"device": f"cuda:{idx}", "device_name": torch.cuda.get_device_name(idx),
+                    "cuda": torch.version.cuda, "driver": _driver()}
+        gpus = _nvidia_smi()
+        return {"device": "cuda", "device_name": gpus[0][0] if gpus else "unknown GPU",
                 "cuda": torch.version.cuda, "driver": _driver()}
     return {"device": "cpu", "device_name": platform.processor() or platform.machine() or "cpu",
-            "cuda": getattr(getattr(torch, "version", None), "cuda", None), "driver": _driver()}
+            "cuda": torch.version.cuda, "driver": _driver()}
 
 
 def environment(import_torch: bool = False) -> dict:
@@ -70,7 +82,9 @@ def environment(import_torch: bool = False) -> dict:
     if torch is None and import_torch:
         import torch  # noqa: PLC0415 - deliberate: only doctor() pays for it
     if torch is not None:
-        env.update(_device_info(torch))
+        env.update(_device_info(torch, init=import_torch))
+        if env["device"] == "cpu" and env["triton_mode"] == "compiled":
+            env["triton_mode"] = "unavailable (no GPU; TRITON_INTERPRET=1 runs kernels interpreted)"
     else:
         env.update({"device": "unknown", "device_name": "unknown", "cuda": None, "driver": _driver()})
     return env

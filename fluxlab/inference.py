@@ -513,6 +513,17 @@ class InferenceSession:
         t3 = time.perf_counter()
         return image, StageTimes(t1 - t0, t2 - t1, t3 - t2, self.steps)
 
+    def refusals(self, prompts) -> dict[str, str]:
+        """What generate() says to each prompt in `prompts`: its error ("Type: message"), or "accepted"."""
+        out = {}
+        for p in prompts:
+            try:
+                self.generate(p, self.seed)
+                out[repr(p)] = "accepted"
+            except (TypeError, ValueError) as e:
+                out[repr(p)] = f"{type(e).__name__}: {e}"
+        return out
+
     # -- measurements --
     def latency(self, prompts, seeds, warmup: int = 2, progress: bool = False) -> LatencyReport:
         """Time one generation per seed (prompts cycle), after `warmup` untimed-in-stats generations."""

@@ -16,9 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import ctypes.util
 import gc
-import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,8 +40,7 @@ class _MallInfo2(ctypes.Structure):
 
 def _load_mallinfo2():
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        fn = libc.mallinfo2  # glibc >= 2.33
+        fn = ctypes.CDLL(None).mallinfo2  # the process's own symbols: glibc >= 2.33 has it
     except (OSError, AttributeError):
         return None
     fn.restype = _MallInfo2

@@ -131,12 +131,10 @@ def _path(store) -> Path:
 
 
 @contextlib.contextmanager
-def _connect(store, create: bool = True):
+def _connect(store):
     """A connection in WAL mode with a generous busy timeout (concurrent writers wait, never drop
     rows), whose SQLite errors become StoreErrors naming the file and what to do."""
     path = _path(store)
-    if not path.exists() and not create:
-        raise StoreError(f"no results store at {path}: run a notebook or `fluxlab results import` first")
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = None
     try:
@@ -212,6 +210,8 @@ def query(store=None, **filters) -> list[dict]:
     unknown = [k for k in filters if k not in FIELDS]
     if unknown:
         raise ValueError(f"query(): unknown field(s) {unknown}; known fields: {', '.join(FIELDS)}")
+    if not _path(store).exists():
+        return []  # reading must not create an empty store as a side effect
     sql_filters = {k: v for k, v in filters.items() if k in _COLUMNS}
     where = " AND ".join(f"{k} = ?" for k in sql_filters) or "1"
     with _connect(store) as conn:

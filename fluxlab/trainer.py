@@ -314,7 +314,9 @@ class Trainer:
         cfg = self.cfg
         if self._pipe is not None:
             pipe = self._pipe
-            pipe.transformer.to(self.device, self.dtype)
+            p = next(pipe.transformer.parameters())
+            if p.device != self.device or p.dtype != self.dtype:
+                pipe.transformer.to(self.device, self.dtype)
         elif not with_data and cfg.model in ("flux1-dev", "flux1-schnell") and cfg.quantize == "none":
             # Benchmarks: the transformer alone at real shape (no 9.5 GB T5 that nothing would use).
             from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -408,7 +410,10 @@ class Trainer:
             train_items, batch_sampler=_EpochTagged(self.batch_sampler), collate_fn=_collate,
             num_workers=workers, pin_memory=cfg.pin_memory and self.device.type == "cuda",
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
-            persistent_workers=cfg.persistent_workers and workers > 0)
+            persistent_workers=cfg.persistent_workers and workers > 0,
+            # Its own generator: each iter() draws a base seed, and from the global RNG that draw
+            # would shift dropout masks whenever a resumed run re-creates the iterator.
+            generator=torch.Generator().manual_seed(cfg.seed))
 
     def _setup_model(self) -> None:
         cfg, tr = self.cfg, self.transformer

@@ -220,11 +220,17 @@ def qk_norm_rope(q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None
         that FLUX puts first in the joint sequence (its own norm weights: norm_added_q/k).
     Returns (q_out, k_out), each [B, H, S_ctx + S, D] in q.dtype.
     """
+    out = _fast(q, k, q_weight, k_weight, cos, sin, eps, context)
+    return out if out is not None else reference(q, k, q_weight, k_weight, cos, sin, eps, context)
+
+
+def _fast(q, k, q_weight, k_weight, cos, sin, eps, context):
+    """The Triton path, or None (with the reason recorded) when it cannot serve these tensors."""
     _check(q, k, q_weight, k_weight, cos, sin, context)
     tensors = [q, k, q_weight, k_weight, cos, sin, *(context or ())]
     if C.triton_can_serve(FAMILY, *tensors) and rope.fits_block(FAMILY, q.shape[3]):
         return QKNormRopeFunction.apply(q, k, q_weight, k_weight, cos, sin, eps, *(context or ()))
-    return reference(q, k, q_weight, k_weight, cos, sin, eps, context)
+    return None
 
 
 def reference(q, k, q_weight, k_weight, cos, sin, eps: float = 1e-6, context: Context | None = None):
@@ -256,3 +262,71 @@ def gradcheck_cases() -> list[tuple[str, object, tuple]]:
              rnd(B, Sc, H, D), rnd(B, Sc, H, D), rnd(D), rnd(D))
     return [("qk_norm_rope", QKNormRopeFunction.apply, single),
             ("qk_norm_rope.joint", QKNormRopeFunction.apply, joint)]
+
+
+# --- the diffusers attention processor that patch() installs -----------------------------------------
+from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
+from diffusers.models.transformers.transformer_flux import (  # noqa: E402
+    FluxAttention, FluxAttnProcessor, _get_qkv_projections)
+
+
+def unsupported(attn) -> str | None:
+    """None when FusedFluxAttnProcessor can stand in for this FluxAttention's processor, else why not."""
+    if type(attn.processor) is not FluxAttnProcessor:
+        return f"processor is {type(attn.processor).__name__}, not FluxAttnProcessor"
+    names = ["norm_q", "norm_k"] + (["norm_added_q", "norm_added_k"] if attn.added_kv_proj_dim is not None else [])
+    norms = [getattr(attn, n) for n in names]
+    if any(type(n) is not torch.nn.RMSNorm for n in norms):
+        return "q/k norms are not torch.nn.RMSNorm"
+    if len({n.eps for n in norms}) != 1 or norms[0].eps is None:
+        return f"q/k norms need one explicit eps, got {[n.eps for n in norms]}"
+    return None
+
+
+class FusedFluxAttnProcessor:
+    """FluxAttnProcessor with norm_q/norm_k (+ norm_added_q/k), the text+image concatenation, RoPE and
+    the transpose done by one qk_norm_rope launch per stream. When that path cannot serve (disabled,
+    device, dtype), it runs the stock norms and `rope.apply_rope`, which has its own fast path.
+    Attention still goes through diffusers' dispatch_attention_fn, so a chosen backend is kept.
+    Body adapted from diffusers 0.42.1 `transformer_flux.py::FluxAttnProcessor.__call__`."""
+
+    _attention_backend = None
+    _parallel_config = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if image_rotary_emb is None:  # nothing to fuse with; the stock processor is exact
+            return FluxAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, None)
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = query.unflatten(-1, (-1, attn.head_dim))  # [B, S, H, D]
+        key = key.unflatten(-1, (-1, attn.head_dim))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        has_ctx = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
+        if has_ctx:
+            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
+            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            value = torch.cat([encoder_value, value], dim=1)
+        cos, sin = image_rotary_emb
+        context = (encoder_query, encoder_key, attn.norm_added_q.weight, attn.norm_added_k.weight) if has_ctx else None
+        qk = _fast(query, key, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.norm_q.eps, context)
+        if qk is not None:
+            query, key = (t.transpose(1, 2) for t in qk)  # [B, S, H, D] views of [B, H, S, D] storage
+        else:
+            query, key = attn.norm_q(query), attn.norm_k(key)
+            if has_ctx:
+                query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
+                key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
+            query, key = rope.apply_rope(query, cos, sin), rope.apply_rope(key, cos, sin)
+
+        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
+                                              backend=self._attention_backend, parallel_config=self._parallel_config)
+        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[0](hidden_states.contiguous())
+            hidden_states = attn.to_out[1](hidden_states)
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states

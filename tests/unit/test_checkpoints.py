@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -155,11 +154,21 @@ def test_retention_keeps_last_n_plus_best(tmp_path):
     for step, loss in losses.items():
         _save(tmp_path, step, val_loss=loss)
     deleted = ck.apply_retention(tmp_path, keep_last=2)
-    assert sorted(deleted) == [tmp_path / "step_1", tmp_path / "step_3"]
+    assert deleted == [tmp_path / "step_3", tmp_path / "step_1"]
     assert [s for s, _ in ck.list_checkpoints(tmp_path)] == [5, 4, 2]
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
     with pytest.raises(ValueError, match="keep_last"):
         ck.apply_retention(tmp_path, keep_last=0)
+
+
+def test_retention_never_trades_the_last_good_checkpoint_for_a_corrupt_one(tmp_path):
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    _flip(tmp_path / "step_3" / ck.STATE_FILE)
+    _flip(tmp_path / "step_1" / ck.STATE_FILE)
+    # step_3 is corrupt and newer: kept for inspection; step_2 is the newest good one; step_1 goes.
+    assert ck.apply_retention(tmp_path, keep_last=1) == [tmp_path / "step_1"]
+    assert ck.latest_checkpoint(tmp_path)[0] == tmp_path / "step_2"
 
 
 def test_retention_without_val_loss_keeps_last_n(tmp_path):

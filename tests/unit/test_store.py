@@ -173,3 +173,23 @@ def test_series_never_mixes_devices_or_params():
     groups = store.series(recs)
     assert len(groups) == 3
     assert [r["utc"] for r in groups[store.series_key(base)]] == ["2026-01-01", "2026-01-02"]
+
+
+def test_comparison_records_with_its_statistics(db):
+    from fluxlab import bench
+
+    base, cand = [2.0, 2.1, 2.05, 2.02, 2.08], [1.0, 1.05, 1.02, 1.01, 1.04]
+    cmp = bench.compare(base, cand)
+    rec = store.record("kernel", samples={"baseline": base, "candidate": cand}, store=db, display=False,
+                       **cmp.record_fields())
+    assert (rec["verdict"], rec["ratio"], rec["ci_low"]) == (cmp.verdict, cmp.ratio, cmp.ci_low)
+    assert rec["metrics"]["p_faster"] == cmp.p_faster
+
+
+def test_cli_list_and_reading_a_missing_store(db, capsys):
+    assert cli.main(["results", "--store", str(db), "list"]) == 0
+    assert "no records" in capsys.readouterr().out and not db.exists()  # listing creates nothing
+    a, _ = _two_records(db)
+    assert cli.main(["results", "--store", str(db), "list"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and "rope.fwd" in out[0] and "faster" in out[0] and a["id"][:8] in out[0]

@@ -1,0 +1,31 @@
+"""Kernel tests run the Triton kernels themselves on the CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before `@triton.jit` runs (when fluxlab.kernels.* is imported), so it
+is set here, at conftest import, before any test module loads.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean_evidence(monkeypatch):
+    """Each test starts with zero counters, no fallback reasons and no FLUXLAB_DISABLE."""
+    from fluxlab import kernels
+
+    monkeypatch.delenv("FLUXLAB_DISABLE", raising=False)
+    kernels.reset_counters()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _interpreter_active():
+    from fluxlab.kernels import _common
+
+    if not _common.interpreting() and not __import__("torch").cuda.is_available():
+        pytest.exit("fluxlab.kernels was imported before TRITON_INTERPRET=1 was set, so its kernels cannot "
+                    "run on the CPU: run `TRITON_INTERPRET=1 pytest ...`", returncode=2)

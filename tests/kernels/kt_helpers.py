@@ -1,0 +1,91 @@
+"""Shared checks for the kernel tests: fast path vs its reference vs a float64 truth, forward and backward."""
+
+from __future__ import annotations
+
+import torch
+
+from fluxlab.kernels import _common
+
+DTYPES = (torch.float32, torch.bfloat16)
+# Fast vs the same-dtype reference: fp32 math is the same up to operation order; bf16 may land one
+# rounding step (one ulp of the magnitude) away.
+CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+
+
+def rand(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * scale
+
+
+def _err(a: torch.Tensor, truth: torch.Tensor) -> float:
+    return (a.double() - truth).abs().max().item()
+
+
+def assert_vs_truth(name: str, fast: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype):
+    """fast has no unwritten (NaN) element, is close to ref, and is no further from the fp64 truth than
+    2x the reference's own error in this dtype (or one ulp of the largest value, when ref is exact)."""
+    assert fast.dtype == ref.dtype, f"{name}: dtype {fast.dtype} != reference {ref.dtype}"
+    assert not torch.isnan(fast).any(), f"{name}: NaN in output (unwritten element or bad math)"
+    torch.testing.assert_close(fast.float(), ref.float(), **CLOSE[dtype], msg=lambda m: f"{name} vs reference: {m}")
+    ulp = torch.finfo(dtype).eps * truth.abs().max().item()
+    e_fast, e_ref = _err(fast, truth), _err(ref, truth)
+    assert e_fast <= 2 * e_ref + ulp, f"{name}: error vs fp64 {e_fast:.3g} > 2 x reference's {e_ref:.3g} + {ulp:.3g}"
+
+
+def check_op(fast_fn, ref_fn, truth_fn, inputs: dict[str, torch.Tensor], dtype: torch.dtype,
+             keep: tuple[str, ...] = (), grad: tuple[str, ...] | None = None, seed: int = 0):
+    """Run fast_fn and ref_fn on `inputs` cast to dtype (names in `keep` keep their dtype, e.g. the fp32
+    cos/sin tables), truth_fn on the same values in float64; compare outputs, then the gradients of the
+    inputs named in `grad` (default: all cast inputs) for a random upstream gradient. Outputs are
+    poisoned with NaN first. Returns the fast outputs."""
+    grad = tuple(n for n, t in inputs.items() if n not in keep and isinstance(t, torch.Tensor)
+                 and t.is_floating_point()) if grad is None else grad
+
+    def prepare(target):
+        out = {}
+        for n, t in inputs.items():
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()):
+                out[n] = t  # None, scalars, index tensors pass through
+                continue
+            t = t.to(target or (t.dtype if n in keep else dtype))
+            out[n] = t.detach().requires_grad_(n in grad)
+        return out
+
+    runs = {}
+    with _common.poisoned_outputs():
+        runs["fast"] = (prepare(None), fast_fn)
+        runs["ref"] = (prepare(None), ref_fn)
+        runs["truth"] = (prepare(torch.float64), truth_fn)
+        outs = {k: _as_tuple(fn(**ins)) for k, (ins, fn) in runs.items()}
+        for i, (f, r, t) in enumerate(zip(outs["fast"], outs["ref"], outs["truth"])):
+            assert_vs_truth(f"output {i}", f, r, t, dtype)
+        ups = [rand(*o.shape, seed=seed + 100 + i) for i, o in enumerate(outs["truth"])]
+        for k, (ins, _) in runs.items():
+            torch.autograd.backward(list(outs[k]), [u.to(o.dtype) for u, o in zip(ups, outs[k])])
+        for n in grad:
+            f, r, t = (runs[k][0][n].grad for k in ("fast", "ref", "truth"))
+            assert f is not None, f"no gradient reached {n}"
+            assert_vs_truth(f"grad {n}", f, r, t, f.dtype)
+    return outs["fast"]
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def flux_tables(S: int, axes: tuple[int, ...], seed: int = 0):
+    """cos, sin [S, sum(axes)] from diffusers' FluxPosEmbed, for random 3-axis integer positions."""
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (S, len(axes)), generator=g).float()
+    return FluxPosEmbed(theta=10000, axes_dim=list(axes))(ids)
+
+
+def rope_truth(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Independent fp64 RoPE: each channel pair as a complex number times e^{i·angle}. Valid for
+    FluxPosEmbed's tables, where both members of a pair share one angle."""
+    assert torch.equal(cos[:, 0::2], cos[:, 1::2]), "tables must repeat each angle for both pair members"
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2).contiguous())  # [B, S, H, D/2]
+    rot = torch.complex(cos[:, 0::2].double(), sin[:, 0::2].double())[None, :, None, :]  # [1, S, 1, D/2]
+    return torch.view_as_real(z * rot).flatten(3)
