@@ -45,7 +45,9 @@ VARIANTS = {
     "stock-eager": dict(compile=False, fuse_qkv=False, kernels=False),
     "stock-compile": dict(compile=True, fuse_qkv=False, kernels=False),
     "fluxlab": dict(compile=True, fuse_qkv=True, kernels=True),
-    "fluxlab-autotune": dict(compile=True, fuse_qkv=True, kernels=True, mode="max-autotune-no-cudagraphs"),
+    # Opt-in (minutes of autotuning): Triton GEMM templates + coordinate-descent tuning of the fused kernels.
+    "fluxlab-autotune": dict(compile=True, fuse_qkv=True, kernels=True, mode="max-autotune-no-cudagraphs",
+                             inductor={"coordinate_descent_tuning": True}),
 }
 # Written before the first GPU run, recorded beside the results so the two can be compared.
 PREDICTIONS = {
@@ -127,7 +129,7 @@ def _make_variant(base, spec: dict, backend: str):
     """A module tree sharing `base`'s weights with the variant's options applied."""
     import torch
 
-    from fluxlab.inference import kernels_available, shared_copy
+    from fluxlab.inference import compile_blocks, kernels_available, shared_copy
 
     model = base if spec is VARIANTS["stock-eager"] else shared_copy(base)
     info = {"fused_attn": 0, "compiled_blocks": 0, "kernels": None}
@@ -147,7 +149,10 @@ def _make_variant(base, spec: dict, backend: str):
         kw = {"fullgraph": True, "backend": backend}
         if spec.get("mode") and backend == "inductor":
             kw["mode"] = spec["mode"]
-        model.compile_repeated_blocks(**kw)
+        if spec.get("kernels") or spec.get("fuse_qkv"):
+            compile_blocks(model, **kw)  # by position: patched blocks have a new class name
+        else:
+            model.compile_repeated_blocks(**kw)  # the stock recipe, exactly as diffusers documents it
         info["compiled_blocks"] = sum(1 for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None)
     return model, info
 
@@ -182,7 +187,10 @@ def worker_forward(args) -> dict:
             fn = (lambda m: lambda inp: m(**inp, return_dict=False)[0])(model)
             _sync(device)
             t0 = time.perf_counter()
-            fn(inputs[0])  # compile happens here for compiled variants
+            import torch._inductor.config as inductor_config
+
+            with inductor_config.patch(VARIANTS[name].get("inductor", {})):  # read at compile time
+                fn(inputs[0])  # compile happens here for compiled variants
             _sync(device)
             first = time.perf_counter() - t0
             models[name], fns[name] = model, fn
@@ -252,7 +260,9 @@ def worker_generate(args) -> dict:
     stages = fl.vram_stages(budgets)  # first: the baseline must be an empty process
     print(f"[generate] vram stages (incl. first generation) {time.perf_counter() - t0:.1f}s", flush=True)
     # Stock: a second pipeline sharing text encoders, VAE and transformer weights.
-    stock_pipe = FluxPipeline(**{**fl.pipe.components, "transformer": shared_copy(fl.pipe.transformer)})
+    sched = fl.pipe.scheduler  # schedulers keep per-call state: each pipeline gets its own
+    stock_pipe = FluxPipeline(**{**fl.pipe.components, "transformer": shared_copy(fl.pipe.transformer),
+                                 "scheduler": type(sched).from_config(sched.config)})
     stock = InferenceSession(args["preset"], device, dtype, pipe=stock_pipe, **common)
     prompts = ["a red circle on a white background", "a blue square above a green triangle",
                "a photo of a cat sitting on a wooden table, soft morning light"]
@@ -330,14 +340,15 @@ WORKERS = {"forward": worker_forward, "generate": worker_generate, "quant": work
 
 # --- the orchestrator --------------------------------------------------------------------------
 def run_part(part: str, args: dict, out_dir: Path, timeout: float) -> dict:
+    if timeout < 30:
+        return {"error": f"part {part} not started: the --budget-s time is spent", "wall_s": 0.0}
     result = out_dir / f"raw_{part}.json"
     cmd = [sys.executable, __file__, "--worker", part, "--result", str(result), "--config", json.dumps(args)]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, timeout=timeout, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
-        err = proc.stderr
-        sys.stderr.write(err[-4000:])
-        rc = proc.returncode
+        err, rc = proc.stderr, proc.returncode
+        sys.stderr.write(err[-4000:] if rc else err[-600:])
     except subprocess.TimeoutExpired as e:
         err, rc = f"timed out after {timeout:.0f}s\n{(e.stderr or b'')[-2000:]!r}", -1
     wall = time.perf_counter() - t0
@@ -398,7 +409,7 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
                        "prediction": PREDICTIONS.get(name), "fused_attn": v[name]["fused_attn"],
                        "compiled_blocks": v[name]["compiled_blocks"], "kernels": v[name]["kernels"],
                        "evidence": ev, "tokens": data["tokens"], "comparison": cmp.to_dict(), **extra}
-            records.append(rec(f"inference.forward.{name}", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
+            records.append(rec(f"inference/forward/{name}", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
                                ci_high=cmp.ci_high, samples={"baseline": stock, "candidate": cand}, metrics=metrics,
                                params={**base, "variant": name, "text_len": args["text_len"],
                                        "compile_backend": args["compile_backend"], "baseline": names[0]}))
@@ -412,7 +423,7 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
         gparams = {**base, "steps": args["steps"], "guidance": args["guidance"], "text_len": args["gen_text_len"],
                    "gens": args["gens"]}
         pct = lambda r: {k: v * 1e3 for k, v in r["percentiles_s"].items()}  # noqa: E731
-        records.append(rec("inference.latency", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
+        records.append(rec("inference/generate", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
                            ci_high=cmp.ci_high, samples={"baseline": s["samples_s"], "candidate": f["samples_s"]},
                            metrics={"stock_ms": pct(s), "fluxlab_ms": pct(f), "stock": s, "fluxlab": f,
                                     "image_max_abs_diff_vs_stock": data["image_max_abs_diff_vs_stock"],
@@ -424,18 +435,18 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
                      f"{cmp.ratio:.3f} [{cmp.ci_low:.3f},{cmp.ci_high:.3f}]", cmp.verdict,
                      f"p99 {pct(f)['p99']:.0f} ms, outliers {len(f['outliers'])}"])
         vr = data["vram"]
-        records.append(rec("inference.vram_stages", verdict="pass" if data["vram_checks_ok"] else "fail",
+        records.append(rec("inference/vram_stages", verdict="pass" if data["vram_checks_ok"] else "fail",
                            metrics=vr, params=gparams))
         st = {k: (v["value"] or 0) / 2**30 for k, v in vr["stages"].items()}
         rows.append(["vram stages", "", "", "pass" if data["vram_checks_ok"] else "fail",
                      " ".join(f"{k}={v:.2f}GiB" for k, v in st.items())])
         lk = data["leak"]
-        records.append(rec("inference.leak", verdict=lk["verdict"], samples=lk["values"], metrics=lk,
+        records.append(rec("inference/leak", verdict=lk["verdict"], samples=lk["values"], metrics=lk,
                            params={**gparams, "leak_n": args["leak_n"]}))
         rows.append(["leak", "", "", lk["verdict"], f"growth {lk['growth_bytes'] / MiB:.2f} MiB over "
                      f"{len(lk['values'])} gens (budget {lk['budget_bytes'] / MiB:.0f} MiB)"])
         det = data["determinism"]
-        records.append(rec("inference.determinism", verdict="pass" if data["determinism_ok"] else "fail",
+        records.append(rec("inference/determinism", verdict="pass" if data["determinism_ok"] else "fail",
                            metrics=det, params=gparams))
         rows.append(["determinism", "", "", "pass" if data["determinism_ok"] else "fail", det["message"][:110]])
     elif part == "quant":
@@ -449,7 +460,7 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
                        "bf16_forward_peak_extra_bytes": bf["forward_peak_extra_bytes"],
                        "median_ms": _median(q["samples_ms"]), "bf16_median_ms": _median(bf["samples_ms"]),
                        "diff_vs_bf16": q["diff_vs_bf16"], "comparison": cmp.to_dict()}
-            records.append(rec(f"inference.{mode}", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
+            records.append(rec(f"inference/{mode}", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
                                ci_high=cmp.ci_high, samples={"baseline": bf["samples_ms"], "candidate": q["samples_ms"]},
                                metrics=metrics, params={**base, "quant": mode, "text_len": args["text_len"]}))
             rows.append([f"{mode} forward", f"{metrics['median_ms']:.1f} ms", f"{cmp.ratio:.3f}", cmp.verdict,
@@ -481,6 +492,8 @@ def parse(argv=None):
     p.add_argument("--quant", default="nf4", help="comma list of nf4,int8")
     p.add_argument("--compile-backend", default="inductor", help="inductor (default); aot_eager for a fast CPU smoke")
     p.add_argument("--part-timeout", type=float, default=300.0, help="seconds before a part is killed")
+    p.add_argument("--budget-s", type=float, default=530.0,
+                   help="wall budget of the whole run; later parts get what is left (device calls: 9 min)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--config", default=None, help=argparse.SUPPRESS)
@@ -516,7 +529,7 @@ def main(argv=None) -> int:
         print(f"infer.py: --res must be a multiple of 16, got {a.res}", file=sys.stderr)
         return 2
     args = {**vars(a), "device": device, "variants": variants, "quant": [q for q in a.quant.split(",") if q]}
-    for k in ("worker", "result", "config", "out", "parts"):
+    for k in ("worker", "result", "config", "out", "parts", "budget_s"):
         args.pop(k)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -524,7 +537,8 @@ def main(argv=None) -> int:
     rows, t_start = [], time.perf_counter()
     for part in parts:
         print(f"== {part}", flush=True)
-        data = run_part(part, args, out, a.part_timeout)
+        left = a.budget_s - (time.perf_counter() - t_start) - 15  # 15 s to write records and the table
+        data = run_part(part, args, out, min(a.part_timeout, left))
         recs, part_rows = records_for(part, data, args, db)
         rows += [r + [f"{data.get('wall_s', 0):.0f}s"] for r in part_rows]
     (out / "infer.jsonl").write_text(store.export_records("json", store=db) if db.exists() else "")

@@ -164,14 +164,28 @@ def shared_copy(transformer: torch.nn.Module) -> torch.nn.Module:
     cls = type(transformer)
     with torch.device("meta"):
         twin = cls(**transformer.config)
-    # assign=True: share, don't copy. Not strict: a QKV-fused source also holds to_qkv/to_added_qkv,
-    # which the stock twin does not use; anything the twin needs but cannot get is an error.
-    missing, unexpected = twin.load_state_dict(transformer.state_dict(), assign=True, strict=False)
-    unexpected = [k for k in unexpected if ".to_qkv." not in k and ".to_added_qkv." not in k]
-    if missing or unexpected:
-        raise ValueError(f"shared_copy: the source is not a stock {cls.__name__} (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}); was it quantized or patched with new weights?")
+    # assign=True: share, don't copy.
+    # Extra tensors of the source (fused to_qkv, anything a patch added) are simply not used.
+    missing, _ = twin.load_state_dict(transformer.state_dict(), assign=True, strict=False)
+    if missing:
+        raise ValueError(f"shared_copy: the source lacks {len(missing)} stock {cls.__name__} tensors "
+                         f"(e.g. {missing[:3]}); was it quantized or patched with renamed weights?")
     return twin.eval().requires_grad_(False)
+
+
+def compile_blocks(transformer: torch.nn.Module, **compile_kwargs) -> int:
+    """Regional compile: `torch.compile` each transformer block in place; returns how many.
+
+    Same as diffusers' `compile_repeated_blocks`, except that it finds blocks by position, not by
+    class name: fluxlab.kernels.patch swaps FluxTransformerBlock's class for a fused subclass,
+    which `compile_repeated_blocks` (matching `_repeated_blocks` names) would silently skip.
+    """
+    n = 0
+    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        for block in blocks:
+            block.compile(**compile_kwargs)
+            n += 1
+    return n
 
 
 def kernels_available() -> bool:
@@ -190,9 +204,14 @@ def _sync(device: torch.device) -> None:
 
 
 def _rss() -> int:
-    import psutil
+    """Resident set size in bytes; /proc first, since the GPU box may lack psutil."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
 
-    return psutil.Process(os.getpid()).memory_info().rss
+        return psutil.Process(os.getpid()).memory_info().rss
 
 
 def memory_now(device: torch.device) -> dict:
@@ -401,6 +420,7 @@ class InferenceSession:
         self.pipe = pipe
         self.patch_report = None
         self.quantized_layers = 0
+        self.compiled_blocks = 0
         self._prepared = False
 
     # options as a flat dict, for records
@@ -437,7 +457,7 @@ class InferenceSession:
             kw = {"fullgraph": self.quantize == "none", "backend": self.compile_backend}
             if self.compile_mode:
                 kw["mode"] = self.compile_mode
-            tr.compile_repeated_blocks(**kw)
+            self.compiled_blocks = compile_blocks(tr, **kw)
         self._prepared = True
         return pipe
 
@@ -610,9 +630,12 @@ class InferenceSession:
         growth = values[-1] - values[0]
         slope = None
         if n >= 3:
-            from fluxlab.memory import leak_verdict
-
-            slope = leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes).to_dict()
+            try:
+                from fluxlab.memory import leak_verdict
+            except ImportError as e:  # fluxlab.memory needs psutil, which a bare GPU box may lack
+                slope = {"error": f"trend fit unavailable: {e}"}
+            else:
+                slope = leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes).to_dict()
         return LeakReport(metric=metric, values=values, growth_bytes=growth, budget_bytes=float(budget_bytes),
                           verdict="leak" if growth > budget_bytes else "pass", peaks=peaks, slope=slope)
 

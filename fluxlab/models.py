@@ -278,7 +278,7 @@ def load_pipeline(path_or_preset: str | os.PathLike = "tiny", device: str | torc
     if name in ("flux1-dev", "flux1-schnell"):
         return build_pipeline(name, device, dtype, seed=seed)
     path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype, local_files_only=True)
+    pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     return pipe.to(device)
 
 

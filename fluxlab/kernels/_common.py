@@ -171,6 +171,11 @@ def rows_per_program(n_rows: int, row_block: int) -> int:
     return max(1, min(next_pow2(n_rows), budget // row_block))
 
 
+def num_warps(block_elems: int) -> int:
+    """Warps for a program holding `block_elems` elements: ~16 elements per thread, 4..16 warps."""
+    return max(4, min(16, next_pow2(block_elems) // 512))
+
+
 if HAVE_TRITON:
     @triton.jit
     def _probe():  # only its type matters: tells whether @triton.jit built interpreted kernels

@@ -122,7 +122,7 @@ def launch_fwd(x, scale, shift, eps, residual=None, gate=None):
     C.count(f"{FAMILY}.fwd")
     _fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
         x, residual, gate, scale, shift, y, h, mean, rstd, R, S, Cn, eps, HAS_RES=residual is not None,
-        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=C.num_warps(BLOCK_R * BLOCK_C))
     return y, h, mean, rstd
 
 
@@ -150,7 +150,7 @@ def launch_bwd(x, scale, mean, rstd, dy, residual=None, gate=None, dh_out=None):
     C.count(f"{FAMILY}.bwd")
     _bwd_kernel[(B, chunks)](
         x, residual, gate, scale, mean, rstd, dy, dh_out, dx, dres, *parts, *([None] if not has_res else []),
-        S, Cn, rows_per_chunk, HAS_RES=has_res, ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+        S, Cn, rows_per_chunk, HAS_RES=has_res, ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=C.num_warps(BLOCK_R * BLOCK_C))
     sums = [p.sum(1) for p in parts]  # [B, C] each
     return dx, dres, *sums, *([None] if not has_res else [])
 

@@ -119,7 +119,7 @@ def _grid_args(x: torch.Tensor, out: torch.Tensor):
     BLOCK_R = C.rows_per_program(R, BLOCK_P)
     return (triton.cdiv(R, BLOCK_R),), dict(
         R=R, S=S, H=H, P=D // 2, so_b=out.stride(0), so_h=out.stride(1), so_s=out.stride(2),
-        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P)
+        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=C.num_warps(BLOCK_R * BLOCK_P))
 
 
 def launch_fwd(q, k, wq, wk, cos, sin, q_out, k_out, seq_off: int, eps: float) -> None:

@@ -75,7 +75,8 @@ def launch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     BLOCK_R = C.rows_per_program(R, BLOCK_P)
     C.count(f"{FAMILY}.{'bwd' if backward else 'fwd'}")
     _rope_kernel[(triton.cdiv(R, BLOCK_R),)](x, cos, sin, out, R, S, H, D // 2, BACKWARD=backward,
-                                             ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P)
+                                             ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P,
+                                             num_warps=C.num_warps(BLOCK_R * BLOCK_P))
     return out
 
 

@@ -7,9 +7,10 @@ import torch
 from fluxlab.kernels import _common
 
 DTYPES = (torch.float32, torch.bfloat16)
-# Fast vs the same-dtype reference: fp32 math is the same up to operation order; bf16 may land one
-# rounding step (one ulp of the magnitude) away.
-CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2)}
+# Fast vs the same-dtype reference in fp32, where both are accurate and differ only in operation
+# order. In bf16 the reference's own rounding (bf16 intermediates in its backward) can exceed a few
+# ulps, so bf16 is judged only against the fp64 truth, as DESIGN.md asks.
+CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 
 def rand(*shape, seed: int, scale: float = 1.0) -> torch.Tensor:
@@ -22,11 +23,13 @@ def _err(a: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 def assert_vs_truth(name: str, fast: torch.Tensor, ref: torch.Tensor, truth: torch.Tensor, dtype: torch.dtype):
-    """fast has no unwritten (NaN) element, is close to ref, and is no further from the fp64 truth than
-    2x the reference's own error in this dtype (or one ulp of the largest value, when ref is exact)."""
+    """fast has no unwritten (NaN) element, is close to ref (fp32), and is no further from the fp64
+    truth than 2x the reference's own error in this dtype (+ one ulp of the largest value, so an
+    exact reference does not demand an exact kernel)."""
     assert fast.dtype == ref.dtype, f"{name}: dtype {fast.dtype} != reference {ref.dtype}"
     assert not torch.isnan(fast).any(), f"{name}: NaN in output (unwritten element or bad math)"
-    torch.testing.assert_close(fast.float(), ref.float(), **CLOSE[dtype], msg=lambda m: f"{name} vs reference: {m}")
+    if dtype in CLOSE:
+        torch.testing.assert_close(fast, ref, **CLOSE[dtype], msg=lambda m: f"{name} vs reference: {m}")
     ulp = torch.finfo(dtype).eps * truth.abs().max().item()
     e_fast, e_ref = _err(fast, truth), _err(ref, truth)
     assert e_fast <= 2 * e_ref + ulp, f"{name}: error vs fp64 {e_fast:.3g} > 2 x reference's {e_ref:.3g} + {ulp:.3g}"

@@ -164,3 +164,34 @@ def test_leak_test_and_vram_stages_report_on_cpu(session):
 def test_bad_options_are_refused_up_front(kw, match):
     with pytest.raises(ValueError, match=match):
         InferenceSession("tiny", "cpu", **kw)
+
+
+# --- helpers the benchmark relies on ---------------------------------------------------------------
+def test_shared_copy_shares_weights_and_refuses_a_source_missing_tensors():
+    from fluxlab.inference import shared_copy
+    from fluxlab.models import build_transformer
+
+    tr = build_transformer("tiny", "cpu", torch.float32)
+    twin = shared_copy(tr)
+    assert twin is not tr
+    assert all(a.data_ptr() == b.data_ptr() for a, b in zip(tr.parameters(), twin.parameters()))
+    with torch.no_grad():
+        twin.fuse_qkv_projections()  # extra to_qkv tensors in the source are fine for a stock twin
+    assert sum(p.numel() for p in shared_copy(twin).parameters()) == sum(p.numel() for p in tr.parameters())
+    del tr.transformer_blocks[0].attn.to_q  # a source without a stock tensor is refused
+    with pytest.raises(ValueError, match="lacks"):
+        shared_copy(tr)
+
+
+def test_compile_blocks_compiles_every_block_even_after_a_class_swapping_patch():
+    from fluxlab import kernels
+    from fluxlab.inference import compile_blocks, kernels_available
+    from fluxlab.models import build_transformer
+
+    if not kernels_available():
+        pytest.skip("fluxlab.kernels.patch is not on this checkout")
+    tr = build_transformer("tiny", "cpu", torch.float32)
+    kernels.patch(tr)
+    blocks = [*tr.transformer_blocks, *tr.single_transformer_blocks]
+    assert compile_blocks(tr, backend="eager") == len(blocks) == 4
+    assert all(b._compiled_call_impl is not None for b in blocks)
