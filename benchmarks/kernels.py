@@ -22,7 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Python puts this script's folder first on sys.path, where this file would shadow the `kernels`
+# package that transformers imports; drop it and put the repository root there instead.
+_here = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+sys.path.insert(0, str(_here.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -175,7 +179,32 @@ def profiler_kernel_names(call) -> list[str]:
                    and str(e.device_type).endswith("CUDA")})
 
 
+def _upcast(v):
+    if isinstance(v, torch.Tensor):
+        return v.detach().double() if v.is_floating_point() else v
+    return tuple(_upcast(t) for t in v) if isinstance(v, tuple) else v
+
+
+def check(case) -> dict:
+    """Forward error of fluxlab and of eager bf16 against the reference run in float64, fresh inputs.
+
+    Passes when fluxlab's error is no worse than 2x eager bf16's own error (DESIGN's bf16 rule).
+    """
+    ins = case["make"]()
+    flat = lambda o: o if isinstance(o, tuple) else (o,)  # noqa: E731
+    rel = lambda a, b: float((a.double() - b).norm() / b.norm().clamp_min(1e-30))  # noqa: E731
+    with torch.no_grad():
+        truth = flat(case["ref"](**{k: _upcast(v) for k, v in ins.items()}))
+        fast = flat(case["fast"](**ins))
+        eager = flat(case["ref"](**ins))
+    err_fast = max(rel(a, b) for a, b in zip(fast, truth))
+    err_eager = max(rel(a, b) for a, b in zip(eager, truth))
+    return {"err_fluxlab_vs_fp64": err_fast, "err_eager_bf16_vs_fp64": err_eager,
+            "within_2x_eager": bool(err_fast <= 2 * err_eager + 1e-12)}
+
+
 def run_case(case, copy_tbps: float, rounds: int, reps_ms: int, device: str, meta: dict) -> list[dict]:
+    correctness = check(case)
     per_set = sum(nbytes(*(v if isinstance(v, tuple) else (v,))) for v in case["make"]().values()
                   if isinstance(v, (torch.Tensor, tuple)))
     sets = [case["make"]() for _ in range(max(2, min(16, triton.cdiv(ROTATE_BYTES, max(per_set, 1)))))]
@@ -204,7 +233,8 @@ def run_case(case, copy_tbps: float, rounds: int, reps_ms: int, device: str, met
                 benchmark=f"kernels.{case['name']}.{pass_}.{k}", family=case["name"], impl=k, **{"pass": pass_},
                 device=device, params=case["params"], dtype=str(DT), median_us=med[k], samples=v,
                 bytes=case["bytes"][pass_], tb_per_s=tbps, copy_tb_per_s=copy_tbps, frac_of_copy_bw=tbps / copy_tbps,
-                ratio_vs_compiled=med["compiled"] / med[k], evidence=evidence if k == "fluxlab" else None, **meta))
+                ratio_vs_compiled=med["compiled"] / med[k], evidence=evidence if k == "fluxlab" else None,
+                correctness=correctness, **meta))
     return records
 
 
@@ -246,8 +276,36 @@ def main(argv=None) -> int:
                                       else f"NOT RUN {ev['fallbacks']}")
         print(f"{r['benchmark']:<42} {p:<34} {r['median_us']:>10.1f} {r['tb_per_s']:>6.2f} "
               f"{100 * r['frac_of_copy_bw']:>5.1f}% {r['ratio_vs_compiled']:>10.2f} {ev_s}")
-    print(f"wrote {len(records)} records to {args.out / 'kernels.jsonl'}")
+    _export(records, args.out)
+    print(f"wrote {len(records)} raw records to {args.out / 'kernels.jsonl'} and store records to records.jsonl")
     return 0
+
+
+def _export(records: list[dict], out: Path) -> None:
+    """One store record per (family, shape, pass, impl): ratio = compiled / impl, judged by bench.compare."""
+    from fluxlab import bench, store
+
+    db = out / "bench.db"
+    by_key = {(r["family"], json.dumps(r["params"], sort_keys=True), r["pass"]): {} for r in records}
+    for r in records:
+        by_key[(r["family"], json.dumps(r["params"], sort_keys=True), r["pass"])][r["impl"]] = r
+    for group in by_key.values():
+        base = group["compiled"]["samples"]
+        for impl, r in group.items():
+            ev = r["evidence"]
+            evidence = None
+            if ev is not None:
+                evidence = bench.Evidence(ran=bool(ev["triton_kernel_seen"] and ev["counters_after"] != ev["counters_before"]),
+                                          counters=ev["counters_after"], fallbacks=ev["fallbacks"],
+                                          kernel_names=ev["profiler_kernels"], reason="")
+            c = bench.compare(base, r["samples"], evidence=evidence) if impl != "compiled" else None
+            metrics = {k: r[k] for k in ("median_us", "bytes", "tb_per_s", "copy_tb_per_s", "frac_of_copy_bw",
+                                         "ratio_vs_compiled", "correctness", "evidence", "dtype")}
+            store.record(r["benchmark"], verdict=c and c.verdict, ratio=c and c.ratio, ci_low=c and c.ci_low,
+                         ci_high=c and c.ci_high, samples={"impl": r["samples"], "compiled": base},
+                         params={**r["params"], "pass": r["pass"], "impl": impl}, metrics=metrics,
+                         store=db, display=False)
+    (out / "records.jsonl").write_text(store.export_records("json", store=db))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ lazily so `fluxlab doctor` does not pay for importing diffusers.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -235,6 +236,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         rc = args.func(args)
+    except BrokenPipeError:
+        # `fluxlab results list | head`: the reader left early, which is not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (UserError, FileNotFoundError, ValueError, KeyError) as e:
         # Expected, user-fixable problems: one clear line, no traceback.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e

@@ -224,8 +224,6 @@ class TrainConfig:
              "must be >= 1 when validation_every > 0")
         need(0 < self.lr_find_min < self.lr_find_max, "lr_find_min",
              f"need 0 < lr_find_min < lr_find_max, got {self.lr_find_min} and {self.lr_find_max}")
-        need(self.lr_warmup_steps <= self.steps, "lr_warmup_steps",
-             f"warm-up ({self.lr_warmup_steps}) is longer than the run (steps={self.steps})")
         if self.adapter == "sparse":
             need(self.quantize == "none", "quantize", "the sparse adapter needs unquantized base weights; "
                  "set quantize=none or adapter=lora")
@@ -244,6 +242,10 @@ class TrainConfig:
         if self.quantize != "none":
             need(device.type == "cuda", "quantize",
                  f"{self.quantize} base weights (bitsandbytes) need a CUDA GPU; set quantize=none on the CPU")
+        if self.lr_warmup_steps > self.steps:
+            import warnings
+            warnings.warn(f"lr_warmup_steps ({self.lr_warmup_steps}) > steps ({self.steps}): the learning rate "
+                          f"never reaches learning_rate", stacklevel=2)
         if self.use_kernels and device.type != "cuda":
             import warnings
             warnings.warn("use_kernels on the CPU runs Triton kernels only under TRITON_INTERPRET=1 (slow)",

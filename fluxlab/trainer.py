@@ -425,11 +425,8 @@ class Trainer:
             tr.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                                       init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
         else:
-            try:
-                from fluxlab.kernels import sparse_delta
-            except ImportError:
-                raise ConfigError("adapter: fluxlab.kernels.sparse_delta is not available in this build; "
-                                  "set adapter=lora") from None
+            from fluxlab.kernels import sparse_delta
+
             sparse_delta.apply_sparse_adapter(tr, list(cfg.target_modules), cfg.sparse_density, cfg.seed)
         if not any(p.requires_grad for p in tr.parameters()):
             raise ConfigError(f"target_modules: {cfg.target_modules} matched no module of the transformer; "
@@ -444,14 +441,9 @@ class Trainer:
 
             self.patch_report = kernels.patch(tr)
         if cfg.attention_backend != "auto":
-            try:
-                from fluxlab import attention
-            except ImportError:
-                attention = None
-            if attention is not None and hasattr(attention, "set_backend"):
-                attention.set_backend(tr, cfg.attention_backend)
-            else:
-                tr.set_attention_backend(cfg.attention_backend)  # diffusers' dispatcher
+            from fluxlab import attention  # routes every FLUX attention through its checked SDPA choice
+
+            attention.install(tr, cfg.attention_backend)
         if cfg.compile:
             tr.compile_repeated_blocks(fullgraph=True)
         tr.train()

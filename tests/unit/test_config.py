@@ -65,7 +65,7 @@ def test_bad_values_name_the_field(key, value):
     ({"resolution": "72"}, "resolution"),
     ({"steps": "0"}, "steps"),
     ({"timestep_sampling": "uniform"}, "timestep_sampling"),
-    ({"lr_warmup_steps": "50", "steps": "10"}, "lr_warmup_steps"),
+    ({"lr_find_min": "2", "lr_find_max": "1"}, "lr_find_min"),
     ({"adapter": "dora"}, "adapter"),
     ({"lora_dropout": "1.0"}, "lora_dropout"),
 ])

@@ -186,3 +186,28 @@ def test_lora_loads_into_a_stock_flux_pipeline_and_changes_the_output(cli_run, h
         assert torch.equal(v, saved[f"transformer.{k}"]), k
     after = render()
     assert (after - before).abs().max() > 1e-4
+
+
+def test_out_of_memory_reports_the_step_and_checkpoints_the_last_completed_one(pipe, shapes, tmp_path):
+    from fluxlab.checkpoints import load_checkpoint
+    from fluxlab.trainer import TrainingOOM
+
+    cfg = _cfg(shapes, tmp_path, steps=5, validation_every=0, checkpoint_every=0)
+    tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
+    calls = {"n": 0}
+
+    def fault(module, args):  # fault injection: the third forward pass runs out of memory
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    tr.transformer.register_forward_pre_hook(fault)
+    with pytest.raises(TrainingOOM) as info:
+        tr.train()
+    msg = str(info.value)
+    assert "at step 3 (during forward)" in msg and "largest known tensors" in msg
+    assert "resolution" in msg and "quantize=nf4" in msg
+    ckpt = load_checkpoint(tmp_path / "checkpoints" / "step_2")   # verified on load
+    assert ckpt.step == 2
+    for name, p in tr.trainable_parameters().items():           # params of the last completed step
+        assert torch.equal(ckpt.tensors[name], p.detach()), name
