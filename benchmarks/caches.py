@@ -1,6 +1,6 @@
 """Training step time with cold caches against warm caches (tiny preset, CPU by default).
 
-    python benchmarks/caches.py [--batch 4] [--res 64] [--repeats 10] [--out benchmarks/results/caches.jsonl]
+    python -m benchmarks.caches [--batch 4] [--res 64] [--repeats 10] [--out benchmarks/results/caches.jsonl]
     fluxlab bench caches [same options]
 
 One step = prepare a batch (latent distributions from the VAE or the LatentCache, a latent sample,

@@ -7,7 +7,7 @@ H*D + mlp_dim (15360 at FLUX.1 width) instead of H*D (3072). Isolated tests used
 transposed grad_outs, never this one.
 
 Each case runs in its own process (an illegal memory access kills the CUDA context).
-Usage: python benchmarks/cudnn_probe.py --out DIR
+Usage: python -m benchmarks.cudnn_probe --out DIR
 """
 
 from __future__ import annotations
@@ -139,7 +139,8 @@ def main() -> None:
     for case in CASES:
         env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1", PROBE_OUT=a.out)
         t0 = time.time()
-        p = subprocess.run([sys.executable, __file__, "--out", a.out, "--case", case], env=env,
+        p = subprocess.run([sys.executable, "-m", "benchmarks.cudnn_probe", "--out", a.out, "--case", case], env=env,
+                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                            capture_output=True, text=True, timeout=300)
         res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
         err = "" if p.returncode == 0 else (p.stderr.strip().splitlines() or ["?"])[-1][:300]

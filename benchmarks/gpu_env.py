@@ -1,6 +1,6 @@
 """One-shot GPU facts for provenance: versions, device, ceilings, and the flux1-dev preset build.
 
-Usage: python benchmarks/gpu_env.py --out DIR   (writes gpu_env.json)
+Usage: python -m benchmarks.gpu_env --out DIR   (writes gpu_env.json)
 """
 
 import argparse

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """FLUX inference benchmark: transformer forward variants, full generation, VRAM/leak, NF4.
 
-    python benchmarks/infer.py --preset flux1-schnell --res 1024 --out DIR      # GPU, one device call
-    python benchmarks/infer.py --preset tiny --res 64 --out DIR --compile-backend aot_eager   # CPU smoke
+    python -m benchmarks.infer --preset flux1-schnell --res 1024 --out DIR      # GPU, one device call
+    python -m benchmarks.infer --preset tiny --res 64 --out DIR --compile-backend aot_eager   # CPU smoke
 
 Parts, each in its own subprocess (a CUDA fault or OOM kills one part, not the run):
   forward   transformer forward at RES, batch 1: stock eager (default SDPA backend), stock regional
@@ -34,11 +34,6 @@ import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# Python puts this script's folder first on sys.path, where benchmarks/kernels.py would shadow the
-# HF `kernels` package that transformers probes for; the checkout root goes there instead, so a
-# plain checkout works (the GPU box has no editable install).
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MiB = 2**20
@@ -372,10 +367,10 @@ def run_part(part: str, args: dict, out_dir: Path, timeout: float) -> dict:
     if timeout < 30:
         return {"error": f"part {part} not started: the --budget-s time is spent", "wall_s": 0.0}
     result = out_dir / f"raw_{part}.json"
-    cmd = [sys.executable, __file__, "--worker", part, "--result", str(result), "--config", json.dumps(args)]
+    cmd = [sys.executable, "-m", "benchmarks.infer", "--worker", part, "--result", str(result), "--config", json.dumps(args)]
     t0 = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, timeout=timeout, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.run(cmd, cwd=ROOT, timeout=timeout, stdout=sys.stdout, stderr=subprocess.PIPE, text=True)
         err, rc = proc.stderr, proc.returncode
         sys.stderr.write(err[-4000:] if rc else err[-600:])
     except subprocess.TimeoutExpired as e:

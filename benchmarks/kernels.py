@@ -1,6 +1,6 @@
 """Time the fluxlab kernels at FLUX shapes against eager PyTorch and torch.compile of the same reference.
 
-    python benchmarks/kernels.py --out DIR [--sizes 1024 512] [--families rope adaln ...] [--rounds 3]
+    python -m benchmarks.kernels --out DIR [--sizes 1024 512] [--families rope adaln ...] [--rounds 3]
 
 GPU only. For each (family, shape, pass in {fwd, fwd+bwd}, impl in {eager, compiled, fluxlab}) one
 JSON line goes to DIR/kernels.jsonl with: benchmark, device, params, median_us, samples (raw, µs),
@@ -22,11 +22,6 @@ import sys
 import time
 from pathlib import Path
 
-# Python puts this script's folder first on sys.path, where this file would shadow the `kernels`
-# package that transformers imports; drop it and put the repository root there instead.
-_here = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-sys.path.insert(0, str(_here.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
@@ -114,7 +109,7 @@ def case_sparse_delta(density: float = 0.01):
 
     def make():
         return dict(weight=torch.randn(out_f, in_f, device=DEVICE, dtype=DT),
-                    theta=torch.zeros(index.numel(), device=DEVICE, requires_grad=True), index=index)
+                    theta=torch.randn(index.numel(), device=DEVICE, requires_grad=True), index=index)  # never zeros: they hide unwritten outputs
     ins = make()
     fwd = 2 * nbytes(ins["weight"]) + nbytes(ins["theta"], index)  # copy W, add θ at the indices
     bwd = nbytes(index, ins["theta"]) + index.numel() * 2  # gather K bf16 values, write dθ

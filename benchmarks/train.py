@@ -203,9 +203,10 @@ def main(argv=None) -> int:
     results = {}
     for name in a.variants.split(","):
         t0 = time.time()
-        cmd = [sys.executable, __file__, "--child", name] + [f"--{k}={getattr(a, k)}" for k in
+        cmd = [sys.executable, "-m", "benchmarks.train", "--child", name] + [f"--{k}={getattr(a, k)}" for k in
                                                               ("preset", "res", "batch", "rank", "steps", "warmup")]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a_timeout(a))
+        p = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
+                           timeout=a_timeout(a))
         res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
         if res is None:
             tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:400]

@@ -14,7 +14,7 @@ cached execution graph for both.
 The cache key of the cuDNN backward graph does not distinguish these two grad_out strides. Backward
 runs the 38 single blocks first (sliced grads), then the first double block hands a dense grad to
 a graph built for the sliced one: ``mha_graph.execute(...).is_good()`` is false (an illegal memory
-access without CUDA_LAUNCH_BLOCKING). ``benchmarks/cudnn_probe.py`` shows it in isolation at the
+access without CUDA_LAUNCH_BLOCKING). ``python -m benchmarks.cudnn_probe`` shows it in isolation at the
 FLUX shape: each layout alone is correct (grad error vs flash 3.2e-3, bf16 noise); sliced-then-dense
 fails exactly like training; **dense-then-sliced does not fail but returns wrong gradients**
 (relative error 1.41 against flash), which is worse than a crash. Isolated tests never mixed grad
