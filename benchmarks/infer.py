@@ -130,7 +130,8 @@ def _make_variant(base, spec: dict, backend: str):
     """A module tree sharing `base`'s weights with the variant's options applied."""
     import torch
 
-    from fluxlab.inference import compile_blocks, kernels_available, shared_copy
+    from fluxlab.inference import kernels_available, shared_copy
+    from fluxlab.models import compile_blocks
 
     model = base if spec is VARIANTS["stock-eager"] else shared_copy(base)
     info = {"fused_attn": 0, "compiled_blocks": 0, "kernels": None}

@@ -14,7 +14,6 @@ which attention kernels and fluxlab kernels ran. Ratios against the stock varian
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
@@ -24,23 +23,27 @@ import time
 from pathlib import Path
 
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
-VARIANTS = {
-    # name: (attention, compile, memory mode, fluxlab kernels)
-    # memory mode: "none"; "full" = diffusers' per-block checkpointing (recompute everything);
-    # "budget:X" = selective: compile's min-cut partitioner under an activation-memory budget X
-    # keeps the expensive matmul/attention outputs and recomputes cheap elementwise work.
-    "stock_eager": ("stock-flash", False, "none", False),
-    "stock_compile": ("stock-flash", True, "none", False),
-    "stock_gc": ("stock-flash", False, "full", False),
-    "stock_cudnn": ("stock-cudnn", False, "none", False),        # the known defect, kept as a control
-    "fluxlab_eager": ("fluxlab-cudnn", False, "none", False),
-    "fluxlab_kernels": ("fluxlab-cudnn", False, "none", True),
-    "fluxlab_fast": ("fluxlab-cudnn", True, "none", False),
-    "fluxlab_fast_cg": ("fluxlab-cudnn", "reduce-overhead", "none", False),   # + CUDA graphs
-    "fluxlab_lean": ("fluxlab-cudnn", True, "full", False),
-    "fluxlab_lean_budget": ("fluxlab-cudnn", True, "budget:0.1", False),
+# Stock: diffusers + peft exactly as a user would write it. name -> (SDPA backend, compile, checkpointing)
+STOCK = {
+    "stock_eager": ("flash", False, False),
+    "stock_compile": ("flash", True, False),
+    "stock_gc": ("flash", False, True),
+    "stock_cudnn": ("cudnn", False, False),          # the known defect, kept as a control
 }
-DEFAULT = "stock_eager,stock_compile,stock_gc,fluxlab_eager,fluxlab_fast,fluxlab_lean,fluxlab_lean_budget"
+# fluxlab: its own Trainer.step, configured through TrainConfig overrides.
+FLUXLAB = {
+    "fluxlab_eager": {"attention_backend": "cudnn"},
+    "fluxlab_kernels": {"attention_backend": "cudnn", "use_kernels": True},
+    "fluxlab_fast": {"attention_backend": "cudnn", "compile": True},
+    "fluxlab_fast_kernels": {"attention_backend": "cudnn", "compile": True, "use_kernels": True},
+    "fluxlab_lean": {"attention_backend": "cudnn", "compile": True, "gradient_checkpointing": True},
+    "fluxlab_qlora_nf4": {"attention_backend": "cudnn", "quantize": "nf4", "gradient_checkpointing": True},
+}
+# Not a TrainConfig mode: compile's min-cut partitioner under an activation-memory budget (a probe
+# of selective recomputation: it keeps matmul/attention outputs, recomputes elementwise work).
+BUDGET = {"fluxlab_lean_budget": 0.1}
+VARIANTS = [*STOCK, *FLUXLAB, *BUDGET]
+DEFAULT = "stock_eager,stock_compile,stock_gc,fluxlab_eager,fluxlab_fast,fluxlab_lean"
 
 
 def flux_train_flops(res: int, txt: int = 512, batch: int = 1) -> dict:
@@ -65,85 +68,102 @@ def classify(name: str) -> str:
 
 
 # --- child: one variant ---------------------------------------------------------------------------
+def train_config(name: str, a):
+    from fluxlab.config import config_from_dict
+
+    overrides = dict(FLUXLAB.get(name, {"attention_backend": "cudnn", "compile": True}))
+    return config_from_dict({"model": a.preset, "resolution": a.res, "batch_size": a.batch, "rank": a.rank,
+                             "lora_alpha": float(a.rank), "target_modules": LORA_TARGETS, "learning_rate": 1e-4,
+                             "max_grad_norm": 0.0, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+                             "max_sequence_length": 512, "seed": 0, "steps": a.warmup + a.steps + 2,
+                             "log_every": 10**6, "progress": False, **overrides})
+
+
 def run_variant(name: str, a) -> dict:
+    """Time one variant. Step i of every variant sees the same inputs: the micro-batch comes from
+    seed 1000 + i, and x0 / noise / timesteps from the trainer's own step_generator(0, i)."""
     import torch
-    from diffusers.training_utils import cast_training_params
-    from peft import LoraConfig
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
     from fluxlab import attention, models
-    from fluxlab.trainer import flow_matching_loss
+    from fluxlab.trainer import Trainer, draw_step_inputs, flow_matching_loss, step_generator
 
-    attn_mode, compile_, ckpt, use_kernels = VARIANTS[name]
-    torch.manual_seed(0)
-    model = models.build_transformer(a.preset, "cuda", torch.bfloat16)
-    model.requires_grad_(False)
-    model.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
-                                 target_modules=LORA_TARGETS))
-    cast_training_params(model, dtype=torch.float32)          # LoRA params in fp32, as diffusers' script
-    evidence: dict = {}
-    if attn_mode.startswith("fluxlab"):
-        evidence["attention_modules_routed"] = attention.install(model, backend="cudnn")
-    if use_kernels:
-        from fluxlab import kernels
-
-        evidence["patch"] = kernels.patch(model).to_dict()
-    if ckpt == "full":
-        model.enable_gradient_checkpointing()
-    elif ckpt.startswith("budget:"):
+    cfg = train_config(name, a)
+    if name in BUDGET:
         import torch._functorch.config as functorch_config
 
-        functorch_config.activation_memory_budget = float(ckpt.split(":")[1])
-    if compile_:
-        model.compile_repeated_blocks(fullgraph=True, **({} if compile_ is True else {"mode": compile_}))
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    stock_backend = {"stock-flash": [SDPBackend.FLASH_ATTENTION],
-                     "stock-cudnn": [SDPBackend.CUDNN_ATTENTION]}.get(attn_mode)
-
-    scheduler = FlowMatchEulerDiscreteScheduler(**models.FLUX_DEV_SCHEDULER)
+        functorch_config.activation_memory_budget = BUDGET[name]
     lat = a.res // 8
-    img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, lat // 2, lat // 2, "cuda", torch.bfloat16)
-    txt_ids = torch.zeros(512, 3, device="cuda", dtype=torch.bfloat16)
 
-    def batch(i):  # identical across variants: everything drawn from seed + i
-        g = torch.Generator("cuda").manual_seed(1000 + i)
-        return dict(latents=torch.randn(a.batch, 16, lat, lat, device="cuda", generator=g),    # [B, 16, h, w]
-                    prompt_embeds=torch.randn(a.batch, 512, 4096, device="cuda", generator=g).bfloat16(),
-                    pooled=torch.randn(a.batch, 768, device="cuda", generator=g).bfloat16(),
-                    noise=torch.randn(a.batch, 16, lat, lat, device="cuda", generator=g),
-                    u=torch.rand(a.batch, device="cuda", generator=g))                          # [B]
+    def micro_batch(i):                                  # the trainer's batch format, on the GPU
+        g = torch.Generator("cpu").manual_seed(1000 + i)
+        return {"mean": torch.randn(a.batch, 16, lat, lat, generator=g).cuda(),          # [B, 16, h, w]
+                "logvar": torch.full((a.batch, 16, lat, lat), -4.0).cuda(),
+                "prompt_embeds": torch.randn(a.batch, 512, 4096, generator=g).cuda(),     # [B, 512, 4096]
+                "pooled": torch.randn(a.batch, 768, generator=g).cuda()}                   # [B, 768]
 
-    def step(b):
-        # Backward stays inside the backend context: checkpointing recomputes the forward there,
-        # and a recompute on another backend saves different tensors (checkpoint raises).
-        with sdpa_kernel(stock_backend) if stock_backend else contextlib.nullcontext():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = flow_matching_loss(model, **b, scheduler=scheduler, img_ids=img_ids, txt_ids=txt_ids)
-            loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss
+    evidence: dict = {}
+    if name in STOCK:
+        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+        from diffusers.training_utils import cast_training_params
+        from peft import LoraConfig
 
-    losses, times = [], []
-    first_steps_s = []
+        backend, compile_, ckpt = STOCK[name]
+        model = models.build_transformer(a.preset, "cuda", torch.bfloat16)
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
+                                     target_modules=LORA_TARGETS))
+        cast_training_params(model, dtype=torch.float32)      # LoRA params in fp32, as diffusers' script
+        if ckpt:
+            model.enable_gradient_checkpointing()
+        if compile_:
+            model.compile_repeated_blocks(fullgraph=True)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        scheduler = FlowMatchEulerDiscreteScheduler(**models.FLUX_DEV_SCHEDULER)
+        img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, lat // 2, lat // 2, "cuda", torch.bfloat16)
+        txt_ids = torch.zeros(512, 3, device="cuda", dtype=torch.bfloat16)
+        sdp = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
+        counter = iter(range(10**9))
+
+        def step(mb):
+            x0, noise, u = draw_step_inputs(mb["mean"], mb["logvar"], step_generator(0, next(counter), 0, 0), cfg,
+                                            models.FLUX_VAE_SHIFT, models.FLUX_VAE_SCALE)
+            # Backward stays inside the backend context: checkpointing recomputes the forward there.
+            with sdpa_kernel([sdp]):
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = flow_matching_loss(model, x0.cuda().bfloat16(), mb["prompt_embeds"].bfloat16(),
+                                              mb["pooled"].bfloat16(), noise.cuda().bfloat16(), u, scheduler,
+                                              img_ids=img_ids, txt_ids=txt_ids)
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
+    else:
+        trainer = Trainer(cfg).setup(with_data=False)
+        if trainer.patch_report is not None:
+            evidence["patch"] = trainer.patch_report.to_dict()
+        step = lambda mb: trainer.step([mb])["loss"]  # noqa: E731
+
+    losses, times, first_steps_s = [], [], []
     for i in range(a.warmup + a.steps):
-        b = batch(i)
+        mb = micro_batch(i)
         torch.cuda.synchronize()
         if i == a.warmup:
             torch.cuda.reset_peak_memory_stats()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         start.record()
-        loss = step(b)
+        loss = step(mb)
         end.record()
         torch.cuda.synchronize()
         losses.append(float(loss))
-        (times if i >= a.warmup else first_steps_s).append(
-            start.elapsed_time(end) if i >= a.warmup else time.perf_counter() - t0)
+        if i >= a.warmup:
+            times.append(start.elapsed_time(end))
+        else:
+            first_steps_s.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated()
 
     # Profile two more steps: where the time goes, and which kernels really ran.
@@ -151,7 +171,7 @@ def run_variant(name: str, a) -> dict:
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for i in range(2):
-            step(batch(10_000 + i))
+            step(micro_batch(a.warmup + a.steps + i))
         torch.cuda.synchronize()
     split = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
     names = set()
@@ -162,11 +182,13 @@ def run_variant(name: str, a) -> dict:
     evidence["attention_backends_seen"] = sorted(attention.classify_kernels(names))
     evidence["attention_kernels"] = sorted(n for n in names if classify(n) == "attention")[:12]
     evidence["attention_counters"] = attention.counters()
-    if use_kernels:
+    if cfg.use_kernels and name not in STOCK:
         from fluxlab import kernels
 
         evidence["kernel_counters"] = kernels.counters()
         evidence["kernel_fallbacks"] = kernels.fallbacks()
+        evidence["triton_kernels_seen"] = sorted(n for n in names if "_kernel" in n and "triton" in n.lower()
+                                                 or n.startswith("_"))[:20]
     return {"variant": name, "samples_ms": times, "median_ms": statistics.median(times),
             "peak_gib": peak / 2**30, "losses": losses, "warmup_s": first_steps_s,
             "profile_ms": split, "evidence": evidence}

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from fluxlab.models import default_device, default_dtype, load_pipeline
+from fluxlab.models import compile_blocks, default_device, default_dtype, load_pipeline
 
 QUANT_MODES = ("none", "nf4", "int8")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
@@ -171,21 +171,6 @@ def shared_copy(transformer: torch.nn.Module) -> torch.nn.Module:
         raise ValueError(f"shared_copy: the source lacks {len(missing)} stock {cls.__name__} tensors "
                          f"(e.g. {missing[:3]}); was it quantized or patched with renamed weights?")
     return twin.eval().requires_grad_(False)
-
-
-def compile_blocks(transformer: torch.nn.Module, **compile_kwargs) -> int:
-    """Regional compile: `torch.compile` each transformer block in place; returns how many.
-
-    Same as diffusers' `compile_repeated_blocks`, except that it finds blocks by position, not by
-    class name: fluxlab.kernels.patch swaps FluxTransformerBlock's class for a fused subclass,
-    which `compile_repeated_blocks` (matching `_repeated_blocks` names) would silently skip.
-    """
-    n = 0
-    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
-        for block in blocks:
-            block.compile(**compile_kwargs)
-            n += 1
-    return n
 
 
 def kernels_available() -> bool:

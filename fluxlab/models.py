@@ -118,6 +118,21 @@ def build_transformer(preset: str = "tiny", device: str | torch.device = "cpu",
     return model.eval()
 
 
+def compile_blocks(transformer: torch.nn.Module, **compile_kwargs) -> int:
+    """Regional compile: `torch.compile` each transformer block in place; returns how many.
+
+    Same as diffusers' `compile_repeated_blocks`, except that it finds blocks by position, not by
+    class name: fluxlab.kernels.patch swaps FluxTransformerBlock's class for a fused subclass,
+    which `compile_repeated_blocks` (matching `_repeated_blocks` names) would silently skip.
+    """
+    n = 0
+    for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+        for block in blocks:
+            block.compile(**compile_kwargs)
+            n += 1
+    return n
+
+
 def param_count(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

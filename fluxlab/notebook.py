@@ -30,6 +30,7 @@ from pathlib import Path
 import yaml
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
+REPO = str(_CHECKOUT)  # notebooks resolve relative config paths against the source checkout
 # run-all order: the store-reading regression analysis runs last, so it sees this run's records.
 NOTEBOOKS = ("validation_session", "memory_graphs", "gradient_flow", "inference_session", "regression_analysis")
 PRESETS = ("ci", "full")

@@ -317,7 +317,7 @@ class Trainer:
             p = next(pipe.transformer.parameters())
             if p.device != self.device or p.dtype != self.dtype:
                 pipe.transformer.to(self.device, self.dtype)
-        elif not with_data and cfg.model in ("flux1-dev", "flux1-schnell") and cfg.quantize == "none":
+        elif not with_data and cfg.model in ("flux1-dev", "flux1-schnell"):
             # Benchmarks: the transformer alone at real shape (no 9.5 GB T5 that nothing would use).
             from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
 
@@ -332,32 +332,29 @@ class Trainer:
         return pipe
 
     def _quantized_transformer(self, pipe):
-        """QLoRA base: the transformer reloaded in NF4 / int8 through diffusers' BitsAndBytesConfig."""
-        from diffusers import BitsAndBytesConfig, FluxTransformer2DModel
+        """QLoRA base: the transformer in NF4 / int8 with diffusers' BitsAndBytesConfig settings."""
+        from diffusers import FluxTransformer2DModel
+
+        from fluxlab.inference import bnb_config, quantize_transformer
 
         cfg = self.cfg
         try:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("quantize: bitsandbytes is not installed; pip install 'fluxlab[quant]'") from None
-        if cfg.model in models.PRESETS and cfg.model != "tiny":
-            # Random-weight presets exist only in memory; bitsandbytes quantizes while loading, so
-            # save the transformer once (FLUXLAB_HOME) and load it back quantized.
-            home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
-            root = home / f"{cfg.model}-transformer-seed0"
-            if not (root / "transformer" / "config.json").exists():
-                pipe.transformer.save_pretrained(root / "transformer")
+        if cfg.model in ("flux1-dev", "flux1-schnell"):
+            # Random-weight presets have no checkpoint to load quantized: swap the layers in place.
+            tr = pipe.transformer
+            quantize_transformer(tr, cfg.quantize, self.dtype)
         else:
             root = models.tiny_pipeline_path() if cfg.model == "tiny" else Path(cfg.model)
-        pipe.transformer = None
-        torch.cuda.empty_cache()
-        qcfg = (BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=self.dtype)
-                if cfg.quantize == "nf4" else BitsAndBytesConfig(load_in_8bit=True))
-        tr = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", quantization_config=qcfg,
-                                                    torch_dtype=self.dtype, local_files_only=True)
-        from peft import prepare_model_for_kbit_training
-
-        return prepare_model_for_kbit_training(tr, use_gradient_checkpointing=cfg.gradient_checkpointing)
+            pipe.transformer = None
+            torch.cuda.empty_cache()
+            tr = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", local_files_only=True,
+                                                        quantization_config=bnb_config(cfg.quantize, self.dtype),
+                                                        dtype=self.dtype)
+        tr.requires_grad_(False)
+        return tr
 
     def _build_data(self, pipe) -> None:
         """Encode every image and caption once through the content-addressed caches, keep the
@@ -445,7 +442,7 @@ class Trainer:
 
             attention.install(tr, cfg.attention_backend)
         if cfg.compile:
-            tr.compile_repeated_blocks(fullgraph=True)
+            models.compile_blocks(tr, fullgraph=True)  # by position: kernels.patch renames block classes
         tr.train()
         self.model = tr
         if self.world > 1:

@@ -24,102 +24,104 @@ FAMILY = "qk_norm_rope"
 
 
 # --- Triton -----------------------------------------------------------------------------------
+# Why this layout: the first version had rope.py's structure (one row = one head, even/odd channels
+# through stride-2 scalar 16-bit loads and stores, cos/sin re-read per head, int64 div/mod per row)
+# and ran at 0.23 TB/s. Now a program owns a [BLOCK_T tokens, BLOCK_H heads, D] tile of one batch
+# (grid: token blocks, head blocks, B): q and k rows are read whole and contiguously, the RMS is a
+# reduction along the row in registers, the RoPE pair swap is a reshape + split/join in registers,
+# cos/sin are loaded once per token and shared by the heads and by q and k, and each head's
+# BLOCK_T rows land contiguously in the [B, H, S_joint, D] output (BLOCK_T * D * 2 bytes per run).
 if C.HAVE_TRITON:
-    from .rope import load_cos_sin, rope_rotate, rope_rotate_bwd
+    from .rope import load_cos_sin, rope_apply
 
     @triton.jit
-    def _load_pairs(ptr, off, mask, ACC: tl.constexpr):
-        return (tl.load(ptr + off, mask=mask, other=0.0).to(ACC),
-                tl.load(ptr + off + 1, mask=mask, other=0.0).to(ACC))
+    def _tile(S, H, S_joint, seq_off, D: tl.constexpr, BIG: tl.constexpr,
+              BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        # Program (i, j, b): tokens i*BLOCK_T.. and heads j*BLOCK_H.. of batch b of a contiguous
+        # stream [B, S, H, D]; token s goes to out[b, h, seq_off + s, :] of the contiguous
+        # [B, H, S_joint, D] output.
+        s = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T))[:, None, None]  # [BT, 1, 1]
+        h = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H))[None, :, None]  # [1, BH, 1]
+        d = tl.arange(0, BLOCK_D)[None, None, :]  # [1, 1, BD]
+        b = tl.program_id(2)
+        if BIG:
+            b = b.to(tl.int64)
+        pos = seq_off + s  # position in the joint sequence
+        tmask = (s < S) & (d < D)  # [BT, 1, BD]
+        mask = tmask & (h < H)
+        x_off = ((b * S + s) * H + h) * D + d
+        o_off = ((b * H + h) * S_joint + pos) * D + d
+        return d, pos, tmask, mask, x_off, o_off
 
     @triton.jit
-    def _store_pairs(ptr, off, mask, v_e, v_o):
-        tl.store(ptr + off, v_e.to(ptr.dtype.element_ty), mask=mask)
-        tl.store(ptr + off + 1, v_o.to(ptr.dtype.element_ty), mask=mask)
+    def _rstd(x, D: tl.constexpr, eps):
+        # RMSNorm: r = 1 / sqrt(mean_d(x_d^2) + eps), per row  -> [BT, BH, 1]
+        return (1.0 / tl.sqrt(tl.sum(x * x, axis=2) / D + eps))[:, :, None]
 
     @triton.jit
-    def _rstd(x_e, x_o, D, eps):
-        # RMSNorm: r = 1 / sqrt(mean_d(x_d^2) + eps), per head  -> [BLOCK_H, 1]
-        ms = (tl.sum(x_e * x_e, axis=1) + tl.sum(x_o * x_o, axis=1)) / D
-        return (1.0 / tl.sqrt(ms + eps))[:, None]
-
-    @triton.jit
-    def _rows(S, H, P, seq_off, so_b, so_h, so_s, R, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-        # A contiguous stream [B, S, H, 2P] is R = B*S*H rows (one head of one token each); this
-        # program takes BLOCK_R of them. Row r = (b*S + s)*H + h goes to out[b, h, seq_off + s, :].
-        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BLOCK_R, 1]
-        p = tl.arange(0, BLOCK_P)[None, :]  # [1, BLOCK_P]
-        mask = (row < R) & (p < P)
-        tok, h = row // H, row % H
-        pos = seq_off + tok % S  # position in the joint sequence
-        x_off = row * 2 * P + 2 * p
-        o_off = (tok // S) * so_b + h * so_h + pos * so_s + 2 * p
-        return p, mask, pos, x_off, o_off
-
-    @triton.jit
-    def _fwd_one(x_ptr, w_ptr, o_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC: tl.constexpr):
-        x_e, x_o = _load_pairs(x_ptr, x_off, mask, ACC)
-        w_e, w_o = _load_pairs(w_ptr, 2 * p, p < P, ACC)
-        r = _rstd(x_e, x_o, 2 * P, eps)
-        y_e, y_o = rope_rotate(x_e * r * w_e, x_o * r * w_o, c_e, c_o, s_e, s_o)
-        _store_pairs(o_ptr, o_off, mask, y_e, y_o)
+    def _fwd_one(x_ptr, w_ptr, o_ptr, x_off, o_off, mask, d, c, sn, eps, D: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(ACC)  # [1, 1, BD]
+        y = rope_apply(x * _rstd(x, D, eps) * w, c, sn, BLOCK_T, BLOCK_H, BLOCK_D, False)
+        tl.store(o_ptr + o_off, y.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _fwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
-                    R, S, H, P, seq_off, so_b, so_h, so_s, eps,
-                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                    S, H, S_joint, seq_off, eps, D: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # Per row (one head of one token) of a stream, for x in (q, k):
         #   n = x * r * w,  r = 1/sqrt(mean_d x^2 + eps)      (torch.nn.RMSNorm, in fp32)
-        #   y = rope(n) at joint position seq_off + s          (rope.rope_rotate)
+        #   y = rope(n) at joint position seq_off + s          (rope.rope_apply)
         # y lands in the joint [B, H, S_joint, D] buffer, the layout SDPA takes.
-        p, mask, pos, x_off, o_off = _rows(S, H, P, seq_off, so_b, so_h, so_s, R, BLOCK_R, BLOCK_P)
-        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, pos, p, mask, P, ACC)
-        _fwd_one(q_ptr, wq_ptr, qo_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC)
-        _fwd_one(k_ptr, wk_ptr, ko_ptr, x_off, o_off, mask, p, P, c_e, c_o, s_e, s_o, eps, ACC)
+        d, pos, tmask, mask, x_off, o_off = _tile(S, H, S_joint, seq_off, D, BIG, BLOCK_T, BLOCK_H, BLOCK_D)
+        c, sn = load_cos_sin(cos_ptr, sin_ptr, pos, d, tmask, D, ACC)
+        _fwd_one(q_ptr, wq_ptr, qo_ptr, x_off, o_off, mask, d, c, sn, eps, D, ACC, BLOCK_T, BLOCK_H, BLOCK_D)
+        _fwd_one(k_ptr, wk_ptr, ko_ptr, x_off, o_off, mask, d, c, sn, eps, D, ACC, BLOCK_T, BLOCK_H, BLOCK_D)
 
     @triton.jit
-    def _bwd_one(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, x_off, o_off, mask, p, P,
-                 c_e, c_o, s_e, s_o, eps, ACC: tl.constexpr, BLOCK_P: tl.constexpr):
-        D = 2 * P
-        x_e, x_o = _load_pairs(x_ptr, x_off, mask, ACC)
-        w_e, w_o = _load_pairs(w_ptr, 2 * p, p < P, ACC)
-        g_e, g_o = _load_pairs(g_ptr, o_off, mask, ACC)
-        dn_e, dn_o = rope_rotate_bwd(g_e, g_o, c_e, c_o, s_e, s_o)
-        r = _rstd(x_e, x_o, D, eps)
-        gw_e, gw_o = dn_e * w_e, dn_o * w_o
-        dot = ((tl.sum(gw_e * x_e, axis=1) + tl.sum(gw_o * x_o, axis=1)) / D)[:, None]  # [BLOCK_R, 1]
-        r3 = r * r * r
-        _store_pairs(dx_ptr, x_off, mask, r * gw_e - x_e * r3 * dot, r * gw_o - x_o * r3 * dot)
-        pp = tl.arange(0, BLOCK_P)
-        dw_off = tl.program_id(0).to(tl.int64) * D + 2 * pp
-        _store_pairs(dw_ptr, dw_off, pp < P,
-                     tl.sum(dn_e * x_e * r, axis=0), tl.sum(dn_o * x_o * r, axis=0))  # [BLOCK_P] each
+    def _bwd_one(x_ptr, w_ptr, g_ptr, dx_ptr, dw_ptr, x_off, o_off, mask, d, c, sn, eps, pid,
+                 D: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+                 BLOCK_D: tl.constexpr):
+        x = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(ACC)
+        w = tl.load(w_ptr + d, mask=d < D, other=0.0).to(ACC)  # [1, 1, BD]
+        g = tl.load(g_ptr + o_off, mask=mask, other=0.0).to(ACC)
+        dn = rope_apply(g, c, sn, BLOCK_T, BLOCK_H, BLOCK_D, True)
+        r = _rstd(x, D, eps)
+        gw = dn * w
+        dot = (tl.sum(gw * x, axis=2) / D)[:, :, None]  # [BT, BH, 1]
+        dx = r * gw - x * (r * r * r) * dot
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        dd = tl.arange(0, BLOCK_D)
+        tl.store(dw_ptr + pid * D + dd, tl.sum(tl.sum(dn * x * r, axis=1), axis=0), mask=dd < D)  # [BD]
 
     @triton.jit
     def _bwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr,
                     dq_ptr, dk_ptr, dwq_ptr, dwk_ptr,
-                    R, S, H, P, seq_off, so_b, so_h, so_s, eps,
-                    ACC: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+                    S, H, S_joint, seq_off, eps, D: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # With g the output gradient:  dn = rope^T(g);  gw = dn * w
         #   dx = r * gw - x * r^3 * mean_d(gw * x)
-        #   dw = sum over rows of dn * x * r   (this program writes the sum over its rows to row
-        #        program_id of dw [n_programs, D]; the host sums those)
-        p, mask, pos, x_off, o_off = _rows(S, H, P, seq_off, so_b, so_h, so_s, R, BLOCK_R, BLOCK_P)
-        c_e, c_o, s_e, s_o = load_cos_sin(cos_ptr, sin_ptr, pos, p, mask, P, ACC)
-        _bwd_one(q_ptr, wq_ptr, gq_ptr, dq_ptr, dwq_ptr, x_off, o_off, mask, p, P,
-                 c_e, c_o, s_e, s_o, eps, ACC, BLOCK_P)
-        _bwd_one(k_ptr, wk_ptr, gk_ptr, dk_ptr, dwk_ptr, x_off, o_off, mask, p, P,
-                 c_e, c_o, s_e, s_o, eps, ACC, BLOCK_P)
+        #   dw = sum over rows of dn * x * r   (two-stage: this program writes the sum over its tile
+        #        to row `pid` of dw [n_programs, D]; the host sums those rows)
+        d, pos, tmask, mask, x_off, o_off = _tile(S, H, S_joint, seq_off, D, BIG, BLOCK_T, BLOCK_H, BLOCK_D)
+        c, sn = load_cos_sin(cos_ptr, sin_ptr, pos, d, tmask, D, ACC)
+        pid = tl.program_id(0) + tl.num_programs(0) * (tl.program_id(1) + tl.num_programs(1) * tl.program_id(2))
+        _bwd_one(q_ptr, wq_ptr, gq_ptr, dq_ptr, dwq_ptr, x_off, o_off, mask, d, c, sn, eps, pid,
+                 D, ACC, BLOCK_T, BLOCK_H, BLOCK_D)
+        _bwd_one(k_ptr, wk_ptr, gk_ptr, dk_ptr, dwk_ptr, x_off, o_off, mask, d, c, sn, eps, pid,
+                 D, ACC, BLOCK_T, BLOCK_H, BLOCK_D)
 
 
 # --- host launchers -------------------------------------------------------------------------------
 def _grid_args(x: torch.Tensor, out: torch.Tensor):
+    """x: one stream [B, S, H, D]; out: the contiguous joint [B, H, S_joint, D] tensor it maps to."""
     B, S, H, D = x.shape
-    R, BLOCK_P = B * S * H, C.next_pow2(D // 2)
-    BLOCK_R = C.rows_per_program(R, BLOCK_P)
-    return (triton.cdiv(R, BLOCK_R),), dict(
-        R=R, S=S, H=H, P=D // 2, so_b=out.stride(0), so_h=out.stride(1), so_s=out.stride(2),
-        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_P=BLOCK_P, num_warps=C.num_warps(BLOCK_R * BLOCK_P))
+    assert out.is_contiguous() and out.shape[:2] == (B, H) and out.shape[3] == D, "joint buffer must be contiguous [B, H, S_joint, D]"
+    cfg = rope.tile_config(S, H, D)
+    grid = (triton.cdiv(S, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]), B)
+    return grid, dict(S=S, H=H, S_joint=out.shape[2], D=D, ACC=C.acc_dtype(x.dtype),
+                      BIG=max(x.numel(), out.numel()) >= 2**31, **cfg)
 
 
 def launch_fwd(q, k, wq, wk, cos, sin, q_out, k_out, seq_off: int, eps: float) -> None:
@@ -134,10 +136,12 @@ def launch_bwd(q, k, wq, wk, cos, sin, gq, gk, seq_off: int, eps: float):
     grid, kw = _grid_args(q, gq)
     dq, dk = C.new_empty_like(q), C.new_empty_like(k)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    dwq, dwk = (C.new_empty((grid[0], q.shape[-1]), acc, q.device) for _ in range(2))  # per-program sums
+    n_prog = grid[0] * grid[1] * grid[2]
+    dw = C.new_empty((2, n_prog, q.shape[-1]), acc, q.device)  # per-program partial sums (stage 1)
     C.count(f"{FAMILY}.bwd")
-    _bwd_kernel[grid](q, k, wq, wk, cos, sin, gq, gk, dq, dk, dwq, dwk, seq_off=seq_off, eps=eps, **kw)
-    return dq, dk, dwq.sum(0), dwk.sum(0)
+    _bwd_kernel[grid](q, k, wq, wk, cos, sin, gq, gk, dq, dk, dw[0], dw[1], seq_off=seq_off, eps=eps, **kw)
+    dwq, dwk = dw.sum(1)  # stage 2: one small reduction for both weights
+    return dq, dk, dwq, dwk
 
 
 # --- autograd -------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def test_shared_copy_shares_weights_and_refuses_a_source_missing_tensors():
 
 def test_compile_blocks_compiles_every_block_even_after_a_class_swapping_patch():
     from fluxlab import kernels
-    from fluxlab.inference import compile_blocks, kernels_available
+    from fluxlab.inference import kernels_available
+    from fluxlab.models import compile_blocks
     from fluxlab.models import build_transformer
 
     if not kernels_available():
