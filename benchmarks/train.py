@@ -35,7 +35,6 @@ FLUXLAB = {
     "fluxlab_eager": {"attention_backend": "cudnn"},
     "fluxlab_kernels": {"attention_backend": "cudnn", "use_kernels": True},
     "fluxlab_fast": {"attention_backend": "cudnn", "compile": True},
-    "fluxlab_fast_kernels": {"attention_backend": "cudnn", "compile": True, "use_kernels": True},
     "fluxlab_lean": {"attention_backend": "cudnn", "compile": True, "gradient_checkpointing": True},
     "fluxlab_qlora_nf4": {"attention_backend": "cudnn", "quantize": "nf4", "gradient_checkpointing": True},
 }

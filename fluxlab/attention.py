@@ -113,6 +113,12 @@ def _attend(name: str, q, k, v, grad: bool) -> torch.Tensor:
 
 def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: str = "auto") -> torch.Tensor:
     """Scaled dot-product attention on diffusers' layout. q, k, v: [B, S, H, D] -> [B, S, H, D]."""
+    dev = query.device.type
+    if torch.is_autocast_enabled(dev):
+        # F.scaled_dot_product_attention is autocast to low precision; the aten ops called below
+        # are not, so cast here (fp32 q/k/v, e.g. from bitsandbytes layers, would miss cuDNN).
+        dt = torch.get_autocast_dtype(dev)
+        query, key, value = (x.to(dt) for x in (query, key, value))
     chosen = resolve(backend, query)
     q, k, v = (x.transpose(1, 2) for x in (query, key, value))      # [B, H, S, D]
     grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))

@@ -194,6 +194,10 @@ def _add_notebook(sub) -> None:
     w.add_argument("--workers", type=int, default=1)
     w.add_argument("--force", action="store_true")
 
+    for q in (r, a, w):
+        q.add_argument("--runs-dir", default="runs", help="where executed notebooks are written (default: runs)")
+        q.add_argument("--timeout", type=float, default=None, help="seconds one cell may run (default: no limit)")
+
     def run(args):
         from fluxlab import notebook
 

@@ -220,6 +220,11 @@ class TrainConfig:
         need(self.quantize in ("none", "nf4", "int8"), "quantize",
              f"choose none, nf4 or int8, got {self.quantize!r}")
         need(bool(self.target_modules), "target_modules", "list at least one module-name suffix")
+        # Measured on an H200 (torch 2.11): regional compile with fullgraph fails to trace the
+        # Triton launchers, and inductor already fuses the same elementwise ops. One or the other.
+        need(not (self.use_kernels and self.compile), "use_kernels",
+             "use_kernels and compile cannot be combined (torch.compile cannot trace fluxlab's Triton "
+             "launchers, and inductor already fuses those ops): set use_kernels=false or compile=false")
         need(self.validation_size >= 1 or self.validation_every == 0, "validation_size",
              "must be >= 1 when validation_every > 0")
         need(0 < self.lr_find_min < self.lr_find_max, "lr_find_min",

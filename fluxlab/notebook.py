@@ -227,6 +227,8 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
     output.parent.mkdir(parents=True, exist_ok=True)
     kernel_env = {"FLUXLAB_RUN_ID": run_id, "FLUXLAB_NOTEBOOK": nb_path.stem, "FLUXLAB_PRESET": preset,
                   "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}
+    if "TRITON_INTERPRET" not in os.environ and "TRITON_INTERPRET" not in kernel_env and not gpu_ids():
+        kernel_env["TRITON_INTERPRET"] = "1"  # no GPU: run the Triton kernels interpreted, as `make` does
     try:
         with _environ(kernel_env):
             # kernel "python3": jupyter_client maps a kernelspec argv of "python" to sys.executable,
@@ -237,6 +239,18 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
     except Exception as exc:  # PapermillExecutionError, a dead kernel, a timeout...
         return False, _error_of(exc)
     return True, ""
+
+
+def prepare_copy(name: str | os.PathLike, preset: str, output: str | os.PathLike, params: dict | None = None) -> Path:
+    """The papermill-prepared copy (parameters injected, nothing executed) that CI hands to
+    `pytest --nbval-lax`; parameters are checked exactly as for `run`."""
+    import papermill
+
+    nb_path, merged = prepare(name, preset, params)
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
+    papermill.execute_notebook(str(nb_path), str(output), parameters=merged, prepare_only=True,
+                               kernel_name="python3", progress_bar=False)
+    return Path(output)
 
 
 def run(name: str | os.PathLike, preset: str = "ci", params: dict | None = None, *,
@@ -443,8 +457,9 @@ def _pairs(values: list[str] | None) -> dict[str, str]:
 def cli(args) -> int:
     """`fluxlab notebook run | run-all | sweep` (see fluxlab.cli._add_notebook)."""
     runs_dir = getattr(args, "runs_dir", None) or "runs"
+    timeout = getattr(args, "timeout", None)
     if args.nb_cmd == "run":
-        res = run(args.name, args.preset, _pairs(args.params), runs_dir=runs_dir)
+        res = run(args.name, args.preset, _pairs(args.params), runs_dir=runs_dir, timeout=timeout)
         print(verdict_table(res.records, [res]))
         print(f"{'ok' if res.ok else 'FAILED'} in {res.seconds:.1f}s: {res.output}")
         if not res.ok:
@@ -453,7 +468,7 @@ def cli(args) -> int:
     if args.nb_cmd == "run-all":
         results = []
         for name in _run_all_names(args.preset):
-            res = run(name, args.preset, runs_dir=runs_dir)
+            res = run(name, args.preset, runs_dir=runs_dir, timeout=timeout)
             print(f"{'ok' if res.ok else 'FAILED':<6} {res.seconds:>6.1f}s  {name}  -> {res.output}"
                   + (f"\n       error: {res.error}" if not res.ok else ""), flush=True)
             results.append(res)
@@ -462,7 +477,7 @@ def cli(args) -> int:
         return 0 if all(r.ok for r in results) else 1
     if args.nb_cmd == "sweep":
         grid = {k: split_values(v) for k, v in _pairs(args.params).items()}
-        results = sweep(args.name, args.preset, grid, workers=args.workers, force=args.force, runs_dir=runs_dir,
+        results = sweep(args.name, args.preset, grid, workers=args.workers, force=args.force, runs_dir=runs_dir, timeout=timeout,
                         on_cell=lambda r: print(f"{r.status:<7} {r.key}", flush=True))
         print(sweep_summary(results))
         return 0 if all(r.status != "failed" for r in results) else 1

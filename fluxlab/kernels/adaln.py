@@ -20,48 +20,63 @@ MAX_C = 65536  # channels one program holds; wider rows fall back
 
 
 # --- Triton -----------------------------------------------------------------------------------
+# Why this layout: rows of C channels are read and written whole (coalesced 128-bit vectors). The
+# first version mapped a 1-D grid over B*S rows, so every program recomputed its batch with an
+# int64 `row // S` and re-read scale/shift/gate per row; the grid is now (row block, batch), the
+# [1, C] modulation vectors are loaded once per program, and offsets are int32 unless the tensor
+# needs int64 (BIG). The backward's weight gradients are a two-stage reduction: each program
+# accumulates dscale/dshift/dgate over its chunk of rows in registers and writes one row of a
+# [3, B, chunks, C] fp32 buffer (no atomics); one small torch sum finishes. Without a gradient for
+# h (dh_out None) the kernel skips that load instead of reading a zeros tensor.
 if C.HAVE_TRITON:
     @triton.jit
     def _fwd_kernel(x_ptr, res_ptr, gate_ptr, scale_ptr, shift_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
-                    R, S, C, eps, HAS_RES: tl.constexpr, ACC: tl.constexpr,
+                    S, C, eps, HAS_RES: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        # Rows of x [B*S, C]; scale/shift/gate are [B, C], row r uses batch r // S.
+        # Program (i, b): rows i*BLOCK_R.. of batch b of x [B, S, C]; scale/shift/gate are [B, C].
         #   h = residual + gate * x            (HAS_RES; else h = x)
         #   x̂ = (h - mean_c h) / sqrt(var_c h + eps)
         #   y = x̂ * (1 + scale) + shift
-        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]  # [BLOCK_R, 1]
+        b = tl.program_id(1)
+        if BIG:
+            b = b.to(tl.int64)
+        s = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
         c = tl.arange(0, BLOCK_C)[None, :]  # [1, BLOCK_C]
-        mask = (row < R) & (c < C)
-        off, boff = row * C + c, (row // S) * C + c
+        cmask = c < C
+        row = b * S + s  # [BLOCK_R]
+        mask = (s < S)[:, None] & cmask
+        off = row[:, None] * C + c
         h = tl.load(x_ptr + off, mask=mask, other=0.0).to(ACC)
         if HAS_RES:
-            gate = tl.load(gate_ptr + boff, mask=mask, other=0.0).to(ACC)
+            gate = tl.load(gate_ptr + b * C + c, mask=cmask, other=0.0).to(ACC)
             h = tl.load(res_ptr + off, mask=mask, other=0.0).to(ACC) + gate * h
             tl.store(h_ptr + off, h.to(h_ptr.dtype.element_ty), mask=mask)
         mean = tl.sum(h, axis=1) / C  # [BLOCK_R]
         d = tl.where(mask, h - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / C + eps)
-        scale = tl.load(scale_ptr + boff, mask=mask, other=0.0).to(ACC)
-        shift = tl.load(shift_ptr + boff, mask=mask, other=0.0).to(ACC)
+        scale = tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0).to(ACC)
+        shift = tl.load(shift_ptr + b * C + c, mask=cmask, other=0.0).to(ACC)
         y = d * rstd[:, None] * (1.0 + scale) + shift
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=mask)
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # [BLOCK_R]
-        tl.store(mean_ptr + rows, mean, mask=rows < R)
-        tl.store(rstd_ptr + rows, rstd, mask=rows < R)
+        tl.store(mean_ptr + row, mean, mask=s < S)
+        tl.store(rstd_ptr + row, rstd, mask=s < S)
 
     @triton.jit
     def _bwd_kernel(x_ptr, res_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dy_ptr, dh_out_ptr,
-                    dx_ptr, dres_ptr, dscale_ptr, dshift_ptr, dgate_ptr,
-                    S, C, rows_per_chunk, HAS_RES: tl.constexpr, ACC: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                    dx_ptr, dres_ptr, part_ptr,
+                    S, C, rows_per_chunk, HAS_RES: tl.constexpr, HAS_DH: tl.constexpr, ACC: tl.constexpr,
+                    BIG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Program (b, chunk) walks rows [chunk*rows_per_chunk, +rows_per_chunk) of batch b:
         #   dx̂ = dy * (1 + scale)
         #   dh = rstd * (dx̂ - mean_c dx̂ - x̂ * mean_c(dx̂ * x̂))  (+ dh_out, the gradient of h itself)
         #   d_residual = dh;  dx = dh * gate;  dgate += Σ_s dh * x         (HAS_RES; else dx = dh)
         #   dscale += Σ_s dy * x̂;  dshift += Σ_s dy
-        # and writes its partial sums to row (b, chunk) of [B, n_chunks, C]; the host sums chunks.
-        b = tl.program_id(0).to(tl.int64)
-        chunk = tl.program_id(1).to(tl.int64)
+        # Stage 1 of the weight-gradient reduction: the partial sums go to row (b, chunk) of
+        # part [3, B, n_chunks, C] (dscale, dshift, dgate); the host sums the chunks (stage 2).
+        b = tl.program_id(0)
+        chunk = tl.program_id(1)
+        if BIG:
+            b = b.to(tl.int64)
         c = tl.arange(0, BLOCK_C)[None, :]
         cmask = c < C
         scale = tl.load(scale_ptr + b * C + c, mask=cmask, other=0.0).to(ACC)
@@ -94,36 +109,49 @@ if C.HAVE_TRITON:
             acc_scale += dy * xhat
             acc_shift += dy
             if HAS_RES:
-                dh += tl.load(dh_out_ptr + off, mask=mask, other=0.0).to(ACC)
+                if HAS_DH:
+                    dh += tl.load(dh_out_ptr + off, mask=mask, other=0.0).to(ACC)
                 tl.store(dres_ptr + off, dh.to(dres_ptr.dtype.element_ty), mask=mask)
                 tl.store(dx_ptr + off, (dh * gate).to(dx_ptr.dtype.element_ty), mask=mask)
                 acc_gate += dh * x
             else:
                 tl.store(dx_ptr + off, dh.to(dx_ptr.dtype.element_ty), mask=mask)
+        part_stride = tl.num_programs(0) * tl.num_programs(1) * C  # one [B, n_chunks, C] block
         poff = (b * tl.num_programs(1) + chunk) * C + tl.arange(0, BLOCK_C)
         pmask = tl.arange(0, BLOCK_C) < C
-        tl.store(dscale_ptr + poff, tl.sum(acc_scale, axis=0), mask=pmask)
-        tl.store(dshift_ptr + poff, tl.sum(acc_shift, axis=0), mask=pmask)
+        tl.store(part_ptr + poff, tl.sum(acc_scale, axis=0), mask=pmask)
+        tl.store(part_ptr + part_stride + poff, tl.sum(acc_shift, axis=0), mask=pmask)
         if HAS_RES:
-            tl.store(dgate_ptr + poff, tl.sum(acc_gate, axis=0), mask=pmask)
+            tl.store(part_ptr + 2 * part_stride + poff, tl.sum(acc_gate, axis=0), mask=pmask)
 
 
 # --- host launchers -------------------------------------------------------------------------------
+def _row_block(n_rows: int, BLOCK_C: int) -> tuple[int, int]:
+    """(rows per program, warps) for [rows, BLOCK_C] tiles: ~8 Ki elements and 8 warps on a GPU (32 per
+    thread, four 16-byte bf16 vectors); the interpreter takes up to 64 Ki elements per program."""
+    budget = (1 << 16) if C.interpreting() else 8192
+    rows = max(1, min(C.next_pow2(n_rows), budget // BLOCK_C))
+    return rows, max(4, min(16, rows * BLOCK_C // 1024))
+
+
 def launch_fwd(x, scale, shift, eps, residual=None, gate=None):
     """x (and residual): [B, S, C] contiguous; scale/shift/gate: [B, C] contiguous.
     Returns y, h (None without residual), mean, rstd ([B*S] in the accumulation dtype)."""
     B, S, Cn = x.shape
-    R, BLOCK_C = B * S, C.next_pow2(Cn)
-    BLOCK_R = C.rows_per_program(R, BLOCK_C)
+    BLOCK_C = C.next_pow2(Cn)
+    BLOCK_R, warps = _row_block(S, BLOCK_C)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = C.new_empty_like(x)
     h = C.new_empty_like(x) if residual is not None else None
-    mean, rstd = C.new_empty((R,), acc, x.device), C.new_empty((R,), acc, x.device)
+    mean, rstd = C.new_empty((B * S,), acc, x.device), C.new_empty((B * S,), acc, x.device)
     C.count(f"{FAMILY}.fwd")
-    _fwd_kernel[(triton.cdiv(R, BLOCK_R),)](
-        x, residual, gate, scale, shift, y, h, mean, rstd, R, S, Cn, eps, HAS_RES=residual is not None,
-        ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=C.num_warps(BLOCK_R * BLOCK_C))
+    _fwd_kernel[(triton.cdiv(S, BLOCK_R), B)](
+        x, residual, gate, scale, shift, y, h, mean, rstd, S, Cn, eps, HAS_RES=residual is not None,
+        ACC=C.acc_dtype(x.dtype), BIG=x.numel() >= 2**31, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
     return y, h, mean, rstd
+
+
+_SM_COUNT: dict = {}
 
 
 def _bwd_chunks(B: int, S: int, BLOCK_R: int, device: torch.device) -> int:
@@ -131,28 +159,33 @@ def _bwd_chunks(B: int, S: int, BLOCK_R: int, device: torch.device) -> int:
     rows so the partial sums stay small. The interpreter runs one program per batch."""
     if C.interpreting() or device.type != "cuda":
         return 1
-    target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    target = 4 * _SM_COUNT[device]
     return max(1, min(triton.cdiv(S, BLOCK_R), triton.cdiv(target, B)))
 
 
 def launch_bwd(x, scale, mean, rstd, dy, residual=None, gate=None, dh_out=None):
-    """Gradients: dx, d_residual (or None), and dscale, dshift, dgate ([B, C] in the accumulation dtype)."""
+    """Gradients: dx, d_residual (or None), and dscale, dshift, dgate ([B, C] in the accumulation dtype).
+    dh_out (the gradient of h, gated form only) may be None: no gradient flowed into h."""
     B, S, Cn = x.shape
     BLOCK_C = C.next_pow2(Cn)
-    BLOCK_R = C.rows_per_program(S, BLOCK_C)
+    BLOCK_R = max(1, C.rows_per_program(S, BLOCK_C))
     chunks = _bwd_chunks(B, S, BLOCK_R, x.device)
     rows_per_chunk = triton.cdiv(S, chunks)
     has_res = residual is not None
     acc = mean.dtype
     dx = C.new_empty_like(x)
     dres = C.new_empty_like(residual) if has_res else None
-    parts = [C.new_empty((B, chunks, Cn), acc, x.device) for _ in range(3 if has_res else 2)]
+    n_par = 3 if has_res else 2
+    parts = C.new_empty((n_par, B, chunks, Cn), acc, x.device)
     C.count(f"{FAMILY}.bwd")
     _bwd_kernel[(B, chunks)](
-        x, residual, gate, scale, mean, rstd, dy, dh_out, dx, dres, *parts, *([None] if not has_res else []),
-        S, Cn, rows_per_chunk, HAS_RES=has_res, ACC=C.acc_dtype(x.dtype), BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=C.num_warps(BLOCK_R * BLOCK_C))
-    sums = [p.sum(1) for p in parts]  # [B, C] each
-    return dx, dres, *sums, *([None] if not has_res else [])
+        x, residual, gate, scale, mean, rstd, dy, dh_out, dx, dres, parts,
+        S, Cn, rows_per_chunk, HAS_RES=has_res, HAS_DH=dh_out is not None, ACC=C.acc_dtype(x.dtype),
+        BIG=x.numel() >= 2**31, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=C.num_warps(BLOCK_R * BLOCK_C))
+    sums = parts.sum(2)  # stage 2, one launch: [n_par, B, C]
+    return dx, dres, *sums.unbind(0), *([None] if not has_res else [])
 
 
 # --- autograd -------------------------------------------------------------------------------------
@@ -176,7 +209,7 @@ class ModulateFunction(torch.autograd.Function):
             dy, dh_out = grads[0], None
         else:
             dh_out, dy = grads
-            dh_out = torch.zeros_like(x) if dh_out is None else dh_out.contiguous()
+            dh_out = None if dh_out is None else dh_out.contiguous()  # None: the kernel skips it
         dx, dres, dscale, dshift, dgate = launch_bwd(x, scale, mean, rstd, dy.contiguous(), residual, gate, dh_out)
         ds, dsh, dg = ctx.dtypes
         return (dx, dscale.to(ds), dshift.to(dsh), None, dres, dgate.to(dg) if dgate is not None else None)

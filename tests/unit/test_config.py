@@ -115,3 +115,10 @@ def test_tiny_yaml_has_the_required_keys_each_settable():
     for key, text in examples.items():
         assert str(getattr(cfg, key)) == text or getattr(cfg, key) == float(text), key
     assert load_config(ROOT / "configs" / "flux1-dev.yaml", {"device": "cpu", "mixed_precision": "no"}).resolution == 1024
+
+
+def test_kernels_and_compile_together_are_refused_naming_the_field():
+    from fluxlab.config import config_from_dict
+
+    with pytest.raises(ValueError, match="use_kernels"):
+        config_from_dict({"use_kernels": True, "compile": True})
