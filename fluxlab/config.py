@@ -118,11 +118,13 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute block activations in backward: less memory, ~30% more time."""
     compile: bool = False
-    """Regional torch.compile: transformer.compile_repeated_blocks(fullgraph=True)."""
+    """Regional torch.compile of every transformer block (fluxlab.models.compile_blocks, fullgraph)."""
     use_kernels: bool = False
     """Patch the transformer with fluxlab's Triton kernels (fluxlab.kernels.patch)."""
     attention_backend: str = "auto"
-    """Passed to fluxlab.attention when it exists; `auto` leaves PyTorch's SDPA choice."""
+    """SDPA backend through fluxlab.attention: auto (cuDNN with the grad-layout fix on Hopper, then
+    flash, efficient, math), cudnn, flash, efficient or math. A backend the inputs cannot use falls
+    back and the reason is recorded (fluxlab.attention.fallbacks())."""
 
     # --- data loading -------------------------------------------------------------------------
     num_workers: int = 2

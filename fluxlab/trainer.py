@@ -437,10 +437,11 @@ class Trainer:
             from fluxlab import kernels
 
             self.patch_report = kernels.patch(tr)
-        if cfg.attention_backend != "auto":
-            from fluxlab import attention  # routes every FLUX attention through its checked SDPA choice
+        # Always through fluxlab.attention, "auto" included: stock SDPA picks cuDNN on Hopper, whose
+        # backward breaks inside FLUX training (see fluxlab/attention.py); this path carries the fix.
+        from fluxlab import attention
 
-            attention.install(tr, cfg.attention_backend)
+        attention.install(tr, cfg.attention_backend)
         if cfg.compile:
             models.compile_blocks(tr, fullgraph=True)  # by position: kernels.patch renames block classes
         tr.train()
