@@ -52,14 +52,11 @@ def _run(cmd: list[str]) -> dict:
 
 
 def main(argv=None) -> int:
+    from benchmarks.train import add_step_args
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="flux1-dev")
-    ap.add_argument("--res", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--rank", type=int, default=16)
+    add_step_args(ap)
     ap.add_argument("--gpus", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default="runs/bench_ddp")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -134,7 +134,7 @@ def _make_variant(base, spec: dict, backend: str):
     """A module tree sharing `base`'s weights with the variant's options applied."""
     import torch
 
-    from fluxlab.inference import kernels_available, shared_copy
+    from fluxlab.inference import shared_copy
     from fluxlab.models import compile_blocks
 
     model = base if spec is VARIANTS["stock-eager"] else shared_copy(base)
@@ -207,12 +207,13 @@ def worker_forward(args) -> dict:
             out["variants"][name] = {**info, "first_call_s": first, "output": y}
             print(f"[forward] {name}: first call {first:.1f}s", flush=True)
         names = list(fns)
-        # Evidence that the fluxlab fast paths ran (kernel names from the profiler on the GPU).
-        for name in names:
-            if VARIANTS[name].get("kernels") and isinstance(out["variants"][name]["kernels"], dict):
-                ev = bench.collect_evidence(lambda: fns[name](inputs[0]), families=_patched_families(
-                    out["variants"][name]["kernels"]), profile=True, device=device)
-                out["variants"][name]["evidence"] = ev.to_dict()
+        # Evidence of which attention kernels each variant really ran (profiler names, GPU only).
+        if str(device).startswith("cuda"):
+            from fluxlab import attention
+
+            for name in names:
+                seen = attention.kernel_names(fns[name], inputs[0])
+                out["variants"][name]["attention_backends_seen"] = sorted(attention.classify_kernels(seen))
         samples = bench.time_interleaved(fns, repeats=args["repeats"], warmup=2, device=device, inputs=inputs)
         for name in names:
             out["variants"][name]["samples_ms"] = samples[name]

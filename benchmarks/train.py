@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -193,16 +192,21 @@ def run_variant(name: str, a) -> dict:
             "profile_ms": split, "evidence": evidence}
 
 
-# --- parent: all variants, then records -------------------------------------------------------------
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_step_args(ap: argparse.ArgumentParser) -> None:
+    """The step's shape: shared by every training benchmark."""
     ap.add_argument("--preset", default="flux1-dev")
     ap.add_argument("--res", type=int, default=1024)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--variants", default=DEFAULT)
-    ap.add_argument("--steps", type=int, default=12, help="timed steps per variant (after warm-up)")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps (after warm-up)")
     ap.add_argument("--warmup", type=int, default=3)
+
+
+# --- parent: all variants, then records -------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_step_args(ap)
+    ap.add_argument("--variants", default=DEFAULT)
     ap.add_argument("--out", default="runs/bench_train")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -15,7 +15,7 @@ class UserError(Exception):
     """A problem the user can fix (bad path, bad config key...). Printed without a traceback."""
 
 
-def _set_pairs(values: list[str] | None) -> dict[str, str]:
+def parse_pairs(values: list[str] | None) -> dict[str, str]:
     """Parse repeated `--set key=value` / `-p key=value` into a dict, refusing malformed pairs."""
     out: dict[str, str] = {}
     for item in values or []:
@@ -110,7 +110,7 @@ def _add_train(sub) -> None:
     def run(a):
         from fluxlab import trainer
 
-        return trainer.cli_train(a.config, _set_pairs(a.overrides), resume=a.resume, profile=a.profile)
+        return trainer.cli_train(a.config, parse_pairs(a.overrides), resume=a.resume, profile=a.profile)
 
     p.set_defaults(func=run)
 
@@ -121,7 +121,7 @@ def _add_train(sub) -> None:
     def run_lr(a):
         from fluxlab import trainer
 
-        return trainer.cli_lr_find(a.config, _set_pairs(a.overrides))
+        return trainer.cli_lr_find(a.config, parse_pairs(a.overrides))
 
     f.set_defaults(func=run_lr)
 
@@ -143,7 +143,7 @@ def _add_cache(sub) -> None:
         from fluxlab import caches
 
         if a.cache_cmd == "build":
-            return caches.cli_build(a.config, _set_pairs(a.overrides), as_json=a.json)
+            return caches.cli_build(a.config, parse_pairs(a.overrides), as_json=a.json)
         if a.cache_cmd == "stats":
             return caches.cli_stats(a.cache_dir)
         return caches.cli_verify(a.cache_dir)

@@ -444,18 +444,9 @@ def sweep_summary(results: list[CellResult]) -> str:
 
 
 # --- CLI ---------------------------------------------------------------------------------------
-def _pairs(values: list[str] | None) -> dict[str, str]:
-    out = {}
-    for item in values or []:
-        if "=" not in item:
-            raise ParameterError(f"expected key=value, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k.strip()] = v
-    return out
-
-
 def cli(args) -> int:
     """`fluxlab notebook run | run-all | sweep` (see fluxlab.cli._add_notebook)."""
+    from fluxlab.cli import parse_pairs as _pairs
     runs_dir = getattr(args, "runs_dir", None) or "runs"
     timeout = getattr(args, "timeout", None)
     if args.nb_cmd == "run":

@@ -339,7 +339,7 @@ class Trainer:
 
         cfg = self.cfg
         try:
-            import bitsandbytes  # noqa: F401
+            import bitsandbytes  # noqa: F401  (an availability check)
         except ImportError:
             raise ConfigError("quantize: bitsandbytes is not installed; pip install 'fluxlab[quant]'") from None
         if cfg.model in ("flux1-dev", "flux1-schnell"):

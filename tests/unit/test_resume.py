@@ -16,36 +16,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from fluxlab import checkpoints, models
+from fluxlab import checkpoints
 from fluxlab.cli import main
 from fluxlab.config import load_config
 from fluxlab.trainer import LORA_FILE, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    path = os.environ.get("FLUXLAB_HOME") or str(tmp_path_factory.getbasetemp() / "fluxlab_home")
-    old = os.environ.get("FLUXLAB_HOME")
-    os.environ["FLUXLAB_HOME"] = path
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield Path(path)
-    if old is None:
-        os.environ.pop("FLUXLAB_HOME", None)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory, home):
-    from fluxlab.data import make_shapes_dataset
-
-    return make_shapes_dataset(tmp_path_factory.getbasetemp() / "shapes16", n=16, seed=0, size=64)
-
-
-@pytest.fixture(scope="module")
-def pipe(home):
-    return models.load_pipeline("tiny", "cpu", torch.float32)
-
 
 # Accumulation 2 x batch 2 over 16 images: 4 steps per epoch, so 6 steps cross an epoch and the
 # resume point (step 3) sits mid-epoch. Warm-up exercises the LR scheduler state, dropout the

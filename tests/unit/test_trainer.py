@@ -3,7 +3,6 @@ diffusers-format LoRA in a stock FluxPipeline, and the optimizer holding nothing
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -16,30 +15,6 @@ from fluxlab.config import load_config
 from fluxlab.trainer import LORA_FILE, Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def home(tmp_path_factory):
-    # One tiny pipeline + cache for the whole session (shared by the trainer test files).
-    path = os.environ.get("FLUXLAB_HOME") or str(tmp_path_factory.getbasetemp() / "fluxlab_home")
-    old = os.environ.get("FLUXLAB_HOME")
-    os.environ["FLUXLAB_HOME"] = path
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    yield Path(path)
-    if old is None:
-        os.environ.pop("FLUXLAB_HOME", None)
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory, home):
-    from fluxlab.data import make_shapes_dataset
-
-    return make_shapes_dataset(tmp_path_factory.getbasetemp() / "shapes16", n=16, seed=0, size=64)
-
-
-@pytest.fixture(scope="module")
-def pipe(home):
-    return models.load_pipeline("tiny", "cpu", torch.float32)
 
 
 def _cfg(shapes, out, **kw):
