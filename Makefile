@@ -30,6 +30,7 @@ demo: setup
 	$(PY) -m fluxlab data validate runs/demo/sample
 	$(PY) -m fluxlab data validate runs/demo/shapes
 	$(PY) -m fluxlab generate --model runs/demo/tiny --prompt "a large red circle at the center" --out runs/demo/generated.png
+	$(PY) -m fluxlab results import benchmarks/results/
 	$(PY) -m fluxlab notebook run-all --preset ci
 
 test: setup test-unit test-kernels test-notebooks
