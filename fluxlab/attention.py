@@ -134,36 +134,49 @@ class FluxlabAttnProcessor:
     """FLUX attention through :func:`sdpa`.
 
     Adapted from diffusers 0.42.1 ``FluxAttnProcessor``: same projections, RMS norms and RoPE
-    (diffusers' own helpers), only the attention call differs.
+    (diffusers' own helpers); only the attention call differs. :meth:`qk` is the one step a
+    subclass replaces (fluxlab.kernels' fused qk_norm_rope processor does).
     """
 
     def __init__(self, backend: str = "auto"):
         self.backend = backend
 
+    def qk(self, attn, q, k, v, ctx, rotary):
+        """Norms, text+image concatenation and RoPE.
+
+        q, k, v: [B, S_img, H, D]; ctx: (q, k, v) of the text stream [B, S_txt, H, D] or None;
+        returns the joint q, k, v: [B, S, H, D].
+        """
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if ctx is not None:
+            eq, ek, ev = ctx
+            q, k, v = (torch.cat(p, dim=1) for p in ((attn.norm_added_q(eq), q), (attn.norm_added_k(ek), k), (ev, v)))
+        if rotary is not None:
+            q = apply_rotary_emb(q, rotary, sequence_dim=1)
+            k = apply_rotary_emb(k, rotary, sequence_dim=1)
+        return q, k, v
+
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
         from diffusers.models.transformers.transformer_flux import _get_qkv_projections
 
         if attention_mask is not None:
             raise NotImplementedError("FluxlabAttnProcessor does not take an attention mask")
         q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))       # [B, S_img, H, D]
-        q, k = attn.norm_q(q), attn.norm_k(k)
+        ctx = None
         if attn.added_kv_proj_dim is not None:
-            eq, ek, ev = (t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))  # [B, S_txt, H, D]
-            eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
-            q, k, v = (torch.cat(p, dim=1) for p in ((eq, q), (ek, k), (ev, v)))   # [B, S, H, D]
-        if image_rotary_emb is not None:
-            q = apply_rotary_emb(q, image_rotary_emb, sequence_dim=1)
-            k = apply_rotary_emb(k, image_rotary_emb, sequence_dim=1)
+            ctx = tuple(t.unflatten(-1, (-1, attn.head_dim)) for t in (eq, ek, ev))  # [B, S_txt, H, D]
+        q, k, v = self.qk(attn, q, k, v, ctx, image_rotary_emb)                    # [B, S, H, D]
         out = sdpa(q, k, v, self.backend).flatten(2, 3).to(q.dtype)                # [B, S, H*D]
         if encoder_hidden_states is None:
             return out
         s_txt = encoder_hidden_states.shape[1]
-        ctx, out = out.split_with_sizes([s_txt, out.shape[1] - s_txt], dim=1)
+        ctx_out, out = out.split_with_sizes([s_txt, out.shape[1] - s_txt], dim=1)
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
-        return out, attn.to_add_out(ctx.contiguous())
+        return out, attn.to_add_out(ctx_out.contiguous())
 
 
 def install(transformer, backend: str = "auto") -> int:

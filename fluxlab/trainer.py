@@ -433,15 +433,15 @@ class Trainer:
         cast_training_params(tr, dtype=torch.float32)  # trainable params in fp32; base stays bf16 on GPU
         if cfg.gradient_checkpointing:
             tr.enable_gradient_checkpointing()
-        if cfg.use_kernels:
-            from fluxlab import kernels
-
-            self.patch_report = kernels.patch(tr)
         # Always through fluxlab.attention, "auto" included: stock SDPA picks cuDNN on Hopper, whose
         # backward breaks inside FLUX training (see fluxlab/attention.py); this path carries the fix.
         from fluxlab import attention
 
         attention.install(tr, cfg.attention_backend)
+        if cfg.use_kernels:  # after install: the fused processor keeps the chosen backend
+            from fluxlab import kernels
+
+            self.patch_report = kernels.patch(tr)
         if cfg.compile:
             models.compile_blocks(tr, fullgraph=True)  # by position: kernels.patch renames block classes
         tr.train()

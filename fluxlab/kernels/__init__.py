@@ -80,7 +80,8 @@ def patch(transformer) -> PatchReport:
                 attn_reasons[why] = attn_reasons.get(why, 0) + 1
                 continue
             undo.append(("processor", module, module.processor))
-            module.set_processor(qk_norm_rope.FusedFluxAttnProcessor())
+            # Keep the attention backend fluxlab.attention.install chose (auto when stock).
+            module.set_processor(qk_norm_rope.FusedFluxAttnProcessor(getattr(module.processor, "backend", "auto")))
             report.patched[attn_family] += 1
         elif type(module) in adaln.FUSED_CLASSES:
             fused, norms = adaln.FUSED_CLASSES[type(module)]

@@ -269,15 +269,15 @@ def gradcheck_cases() -> list[tuple[str, object, tuple]]:
 
 
 # --- the diffusers attention processor that patch() installs -----------------------------------------
-from diffusers.models.attention_dispatch import dispatch_attention_fn  # noqa: E402
-from diffusers.models.transformers.transformer_flux import (  # noqa: E402
-    FluxAttention, FluxAttnProcessor, _get_qkv_projections)
+from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor  # noqa: E402, F401
+
+from fluxlab.attention import FluxlabAttnProcessor  # noqa: E402
 
 
 def unsupported(attn) -> str | None:
     """None when FusedFluxAttnProcessor can stand in for this FluxAttention's processor, else why not."""
-    if type(attn.processor) is not FluxAttnProcessor:
-        return f"processor is {type(attn.processor).__name__}, not FluxAttnProcessor"
+    if type(attn.processor) not in (FluxAttnProcessor, FluxlabAttnProcessor):
+        return f"processor is {type(attn.processor).__name__}, not FluxAttnProcessor or FluxlabAttnProcessor"
     names = ["norm_q", "norm_k"] + (["norm_added_q", "norm_added_k"] if attn.added_kv_proj_dim is not None else [])
     norms = [getattr(attn, n) for n in names]
     if any(type(n) is not torch.nn.RMSNorm for n in norms):
@@ -287,50 +287,25 @@ def unsupported(attn) -> str | None:
     return None
 
 
-class FusedFluxAttnProcessor:
-    """FluxAttnProcessor with norm_q/norm_k (+ norm_added_q/k), the text+image concatenation, RoPE and
-    the transpose done by one qk_norm_rope launch per stream. When that path cannot serve (disabled,
-    device, dtype), it runs the stock norms and `rope.apply_rope`, which has its own fast path.
-    Attention still goes through diffusers' dispatch_attention_fn, so a chosen backend is kept.
-    Body adapted from diffusers 0.42.1 `transformer_flux.py::FluxAttnProcessor.__call__`."""
+class FusedFluxAttnProcessor(FluxlabAttnProcessor):
+    """fluxlab's FLUX attention with norm_q/norm_k (+ norm_added_q/k), the text+image concatenation,
+    RoPE and the transpose done by one qk_norm_rope launch per stream. When that path cannot serve
+    (disabled, device, dtype), it runs the stock norms and `rope.apply_rope`, which has its own fast
+    path. Attention itself is fluxlab.attention.sdpa (backend choice and the cuDNN grad fix)."""
 
-    _attention_backend = None
-    _parallel_config = None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        if image_rotary_emb is None:  # nothing to fuse with; the stock processor is exact
-            return FluxAttnProcessor.__call__(self, attn, hidden_states, encoder_hidden_states, attention_mask, None)
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query = query.unflatten(-1, (-1, attn.head_dim))  # [B, S, H, D]
-        key = key.unflatten(-1, (-1, attn.head_dim))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        has_ctx = attn.added_kv_proj_dim is not None and encoder_hidden_states is not None
-        if has_ctx:
-            encoder_query = encoder_query.unflatten(-1, (-1, attn.head_dim))
-            encoder_key = encoder_key.unflatten(-1, (-1, attn.head_dim))
-            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
-            value = torch.cat([encoder_value, value], dim=1)
-        cos, sin = image_rotary_emb
-        context = (encoder_query, encoder_key, attn.norm_added_q.weight, attn.norm_added_k.weight) if has_ctx else None
-        qk = _fast(query, key, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.norm_q.eps, context)
+    def qk(self, attn, q, k, v, ctx, rotary):
+        if rotary is None:  # nothing to fuse with
+            return super().qk(attn, q, k, v, ctx, rotary)
+        cos, sin = rotary
+        context = (ctx[0], ctx[1], attn.norm_added_q.weight, attn.norm_added_k.weight) if ctx else None
+        if ctx:
+            v = torch.cat([ctx[2], v], dim=1)                                 # [B, S, H, D]
+        qk = _fast(q, k, attn.norm_q.weight, attn.norm_k.weight, cos, sin, attn.norm_q.eps, context)
         if qk is not None:
-            query, key = (t.transpose(1, 2) for t in qk)  # [B, S, H, D] views of [B, H, S, D] storage
-        else:
-            query, key = attn.norm_q(query), attn.norm_k(key)
-            if has_ctx:
-                query = torch.cat([attn.norm_added_q(encoder_query), query], dim=1)
-                key = torch.cat([attn.norm_added_k(encoder_key), key], dim=1)
-            query, key = rope.apply_rope(query, cos, sin), rope.apply_rope(key, cos, sin)
-
-        hidden_states = dispatch_attention_fn(query, key, value, attn_mask=attention_mask,
-                                              backend=self._attention_backend, parallel_config=self._parallel_config)
-        hidden_states = hidden_states.flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[0](hidden_states.contiguous())
-            hidden_states = attn.to_out[1](hidden_states)
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+            q, k = (t.transpose(1, 2) for t in qk)  # [B, S, H, D] views of [B, H, S, D] storage
+            return q, k, v
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        if ctx:
+            q = torch.cat([attn.norm_added_q(ctx[0]), q], dim=1)
+            k = torch.cat([attn.norm_added_k(ctx[1]), k], dim=1)
+        return rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin), v

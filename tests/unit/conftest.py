@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 import torch
 
+if not torch.cuda.is_available():  # kernels run interpreted on the CPU (set before fluxlab.kernels loads)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory):

@@ -78,6 +78,24 @@ def test_loss_matches_an_independent_recomputation(pipe, shapes, tmp_path, schem
     assert any(p.abs().sum() > 0 for n, p in tr.trainable_parameters().items() if "lora_B" in n)
 
 
+def test_use_kernels_runs_every_patched_family_in_a_training_step(pipe, shapes, tmp_path):
+    from fluxlab import attention, kernels
+
+    cfg = _cfg(shapes, tmp_path, use_kernels=True, validation_every=0, checkpoint_every=0)
+    tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
+    tr._iter = None
+    kernels.reset_counters()
+    attention.reset_counters()
+    tr.step([tr._next_micro_batch()])
+    ran = kernels.family_totals()
+    patched = {f for f, n in tr.patch_report.patched.items() if n}
+    assert {"qk_norm_rope", "adaln"} <= patched
+    assert all(ran[f] > 0 for f in patched), (ran, tr.patch_report)
+    # The fused processor still attends through fluxlab.attention (the cuDNN fix lives there).
+    assert sum(attention.counters().values()) == len(tr.transformer.transformer_blocks) + len(
+        tr.transformer.single_transformer_blocks)
+
+
 def test_frozen_parameters_hold_no_optimizer_state(pipe, shapes, tmp_path):
     cfg = _cfg(shapes, tmp_path, validation_every=0, checkpoint_every=0)
     tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
