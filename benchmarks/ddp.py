@@ -40,7 +40,10 @@ def worker(a) -> None:
             times.append((time.perf_counter() - t0) * 1e3)
     if int(os.environ.get("RANK", 0)) == 0:
         world = int(os.environ.get("WORLD_SIZE", 1))
-        print("RESULT " + json.dumps({"world": world, "samples_ms": times, "loss": loss}), flush=True)
+        # The parent never touches CUDA, so the device facts for provenance come from here.
+        print("RESULT " + json.dumps({"world": world, "samples_ms": times, "loss": loss,
+                                      "device": {"device": "cuda", "device_name": torch.cuda.get_device_name(),
+                                                 "cuda": torch.version.cuda}}), flush=True)
 
 
 def _run(cmd: list[str]) -> dict:
@@ -75,12 +78,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     db = out / "bench.db"
     store.record(f"ddp_weak_scaling/{a.gpus}gpu", verdict=c.verdict, ratio=c.ratio, ci_low=c.ci_low, ci_high=c.ci_high,
-                 samples={"single": single["samples_ms"], "ddp": multi["samples_ms"]},
+                 samples={"baseline": single["samples_ms"], "candidate": multi["samples_ms"]},
                  params={"preset": a.preset, "res": a.res, "batch_per_gpu": a.batch, "rank": a.rank, "gpus": a.gpus,
                          "step": "fluxlab_eager"},
                  metrics={"scaling": scaling, "scaling_ci": [a.gpus * c.ci_low, a.gpus * c.ci_high],
                           "single_median_ms": statistics.median(single["samples_ms"]),
-                          "ddp_median_ms": statistics.median(multi["samples_ms"])}, store=db, display=False)
+                          "ddp_median_ms": statistics.median(multi["samples_ms"])}, store=db, display=False,
+                 provenance_overrides=multi["device"])
     (out / "records.jsonl").write_text(store.export_records("json", store=db))
     print(f"1 GPU {statistics.median(single['samples_ms']):.1f} ms/step, {a.gpus} GPUs "
           f"{statistics.median(multi['samples_ms']):.1f} ms/step: weak scaling {scaling:.3f}x "

@@ -35,7 +35,7 @@ DT = torch.bfloat16
 DEVICE = "cuda"
 H, D, C_MODEL, S_TXT = 24, 128, 3072, 512  # FLUX.1: 24 heads x 128, hidden 3072, 512 T5 tokens
 ROTATE_BYTES = 512 << 20  # keep at least this much distinct input in rotation (H100/H200 L2 is 50-60 MB)
-TRITON_NAMES = ("_rope_kernel", "_fwd_kernel", "_bwd_kernel", "_scatter_add_kernel", "_gather_kernel")
+TRITON_NAMES = ("_fl_",)  # every fluxlab Triton kernel is named _fl_<family>_...
 
 
 def nbytes(*ts) -> int:
@@ -297,7 +297,7 @@ def _export(records: list[dict], out: Path) -> None:
             metrics = {k: r[k] for k in ("median_us", "bytes", "tb_per_s", "copy_tb_per_s", "frac_of_copy_bw",
                                          "ratio_vs_compiled", "correctness", "evidence", "dtype")}
             store.record(r["benchmark"], verdict=c and c.verdict, ratio=c and c.ratio, ci_low=c and c.ci_low,
-                         ci_high=c and c.ci_high, samples={"impl": r["samples"], "compiled": base},
+                         ci_high=c and c.ci_high, samples={"candidate": r["samples"], "baseline": base},
                          params={**r["params"], "pass": r["pass"], "impl": impl}, metrics=metrics,
                          store=db, display=False)
     (out / "records.jsonl").write_text(store.export_records("json", store=db))

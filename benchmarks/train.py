@@ -265,7 +265,7 @@ def main(argv=None) -> int:
             c = bench.compare(results[base]["samples_ms"], res["samples_ms"]) if base else None
             store.record(f"train_step/{name}" + (f"/vs_{base}" if base else ""), verdict=c and c.verdict,
                          ratio=c and c.ratio, ci_low=c and c.ci_low, ci_high=c and c.ci_high,
-                         samples={"variant": res["samples_ms"], **({"baseline": results[base]["samples_ms"]} if base else {})},
+                         samples={"candidate": res["samples_ms"], **({"baseline": results[base]["samples_ms"]} if base else {})},
                          params=params, metrics=metrics, store=db, display=False)
     (out / "records.jsonl").write_text(store.export_records("json", store=db))
     print(json.dumps({"ceilings": ceil, "step_tflop": flops / 1e12}))

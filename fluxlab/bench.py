@@ -106,6 +106,12 @@ def time_interleaved(fns: dict[str, Callable], *, repeats: int = 20, warmup: int
 
 
 # --- evidence ---------------------------------------------------------------------------------
+def kernel_prefix(family: str) -> str:
+    """fluxlab's Triton kernels are named `_fl_<family>_...`, so a profiler name names its family
+    exactly (a bare "rope" would also match the qk_norm_rope kernels)."""
+    return f"_fl_{family}_"
+
+
 def _in_family(key: str, family: str) -> bool:
     return key == family or key.startswith(family + ".") or key.startswith(family + ":")
 
@@ -129,7 +135,7 @@ class Evidence:
         names = sorted(set(kernel_names))
         fb = {k: v for k, v in (fallbacks or {}).items() if any(_in_family(k, f) for f in families)}
         missing = [f for f in families
-                   if delta[f] <= 0 and not any(f.lower() in n.lower() for n in names)]
+                   if delta[f] <= 0 and not any(kernel_prefix(f) in n for n in names)]
         reason = "; ".join(
             f"{f}: counter did not move and no kernel named like it"
             + (f" (fallback: {fb[f]})" if f in fb else "") for f in missing)

@@ -529,12 +529,18 @@ def browse(records: list[dict], label=lambda r: f"{r.get('benchmark')} {r.get('v
 
 
 # --- regression analysis helpers (regression_analysis.ipynb) -------------------------------------
+# Names benchmarks give the measured side of {candidate, baseline} samples (older records included).
+CANDIDATE_KEYS = ("candidate", "variant", "impl", "ddp")
+
+
 def series_samples(rec: dict) -> list[float] | None:
     """The times a record's series tracks: the candidate's samples of a comparison record, or a
     flat list of samples; None when the record holds fewer than 3 numbers."""
     s = rec.get("samples")
     if isinstance(s, dict):
-        s = s.get("candidate", next(iter(s.values()), None))
+        # The measured side of a comparison record. Never guess from key order: the store sorts
+        # keys, so the first one is as likely the baseline ("baseline", "compiled", "single").
+        s = next((s[k] for k in CANDIDATE_KEYS if k in s), None)
     if isinstance(s, list) and len(s) >= 3 and all(isinstance(x, (int, float)) and x > 0 for x in s):
         return [float(x) for x in s]
     return None

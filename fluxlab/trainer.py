@@ -35,7 +35,6 @@ Exit codes of `fluxlab train`: 0 done, or interrupted cleanly by SIGINT/SIGTERM 
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import hashlib
 import json
@@ -279,7 +278,9 @@ class Trainer:
         self._resume_ckpt = self._find_resume() if self.resume else None
 
         pipe = self._load_pipeline(with_data)
-        self.scheduler = copy.deepcopy(pipe.scheduler)   # training table; never set_timesteps'd
+        # A fresh training table from the config: a pipe that already generated has a shortened,
+        # set_timesteps'd table in its scheduler, which the loss must not index.
+        self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
         vae = pipe.vae
         self.vae_shift = float(vae.config.shift_factor) if vae is not None else models.FLUX_VAE_SHIFT
         self.vae_scale = float(vae.config.scaling_factor) if vae is not None else models.FLUX_VAE_SCALE
@@ -1058,9 +1059,9 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
     k = int(np.argmin(smoothed))
     suggested = lrs[k] / 10
     steepest = None
-    if len(smoothed) >= 5:
-        grad = np.gradient(np.array(smoothed[: k + 1] or smoothed), np.log(np.array(lrs[: k + 1] or lrs)))
-        steepest = float(lrs[int(np.argmin(grad))]) if len(grad) else None
+    if k >= 2:  # a slope needs a few points before the minimum (np.gradient refuses one)
+        grad = np.gradient(np.array(smoothed[: k + 1]), np.log(np.array(lrs[: k + 1])))
+        steepest = float(lrs[int(np.argmin(grad))])
     res = LRFindResult(lrs, losses, smoothed, float(suggested), steepest, diverged, None)
     if tr.rank == 0:
         tr.out.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """FLUX's adaptive LayerNorm: LayerNorm without affine (eps 1e-6), then `x̂·(1+scale)+shift`,
 optionally after the gated residual `h = residual + gate·x` that precedes it inside a double block.
 
-Layers: `_fwd_kernel` / `_bwd_kernel` (Triton) -> `launch_fwd` / `launch_bwd` -> `ModulateFunction`
+Layers: `_fl_adaln_fwd_kernel` / `_fl_adaln_bwd_kernel` (Triton) -> `launch_fwd` / `launch_bwd` -> `ModulateFunction`
 -> `modulate` / `gated_residual_modulate` -> the module classes that `fluxlab.kernels.patch` swaps
 in (`FusedAdaLayerNormZero`, `FusedAdaLayerNormZeroSingle`, `FusedAdaLayerNormContinuous`,
 `FusedFluxTransformerBlock`); `reference` / `reference_gated` beside them.
@@ -30,7 +30,7 @@ MAX_C = 65536  # channels one program holds; wider rows fall back
 # h (dh_out None) the kernel skips that load instead of reading a zeros tensor.
 if C.HAVE_TRITON:
     @triton.jit
-    def _fwd_kernel(x_ptr, res_ptr, gate_ptr, scale_ptr, shift_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
+    def _fl_adaln_fwd_kernel(x_ptr, res_ptr, gate_ptr, scale_ptr, shift_ptr, y_ptr, h_ptr, mean_ptr, rstd_ptr,
                     S, C, eps, HAS_RES: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Program (i, b): rows i*BLOCK_R.. of batch b of x [B, S, C]; scale/shift/gate are [B, C].
@@ -62,7 +62,7 @@ if C.HAVE_TRITON:
         tl.store(rstd_ptr + row, rstd, mask=s < S)
 
     @triton.jit
-    def _bwd_kernel(x_ptr, res_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dy_ptr, dh_out_ptr,
+    def _fl_adaln_bwd_kernel(x_ptr, res_ptr, gate_ptr, scale_ptr, mean_ptr, rstd_ptr, dy_ptr, dh_out_ptr,
                     dx_ptr, dres_ptr, part_ptr,
                     S, C, rows_per_chunk, HAS_RES: tl.constexpr, HAS_DH: tl.constexpr, ACC: tl.constexpr,
                     BIG: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -145,7 +145,7 @@ def launch_fwd(x, scale, shift, eps, residual=None, gate=None):
     h = C.new_empty_like(x) if residual is not None else None
     mean, rstd = C.new_empty((B * S,), acc, x.device), C.new_empty((B * S,), acc, x.device)
     C.count(f"{FAMILY}.fwd")
-    _fwd_kernel[(triton.cdiv(S, BLOCK_R), B)](
+    _fl_adaln_fwd_kernel[(triton.cdiv(S, BLOCK_R), B)](
         x, residual, gate, scale, shift, y, h, mean, rstd, S, Cn, eps, HAS_RES=residual is not None,
         ACC=C.acc_dtype(x.dtype), BIG=x.numel() >= 2**31, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=warps)
     return y, h, mean, rstd
@@ -180,7 +180,7 @@ def launch_bwd(x, scale, mean, rstd, dy, residual=None, gate=None, dh_out=None):
     n_par = 3 if has_res else 2
     parts = C.new_empty((n_par, B, chunks, Cn), acc, x.device)
     C.count(f"{FAMILY}.bwd")
-    _bwd_kernel[(B, chunks)](
+    _fl_adaln_bwd_kernel[(B, chunks)](
         x, residual, gate, scale, mean, rstd, dy, dh_out, dx, dres, parts,
         S, Cn, rows_per_chunk, HAS_RES=has_res, HAS_DH=dh_out is not None, ACC=C.acc_dtype(x.dtype),
         BIG=x.numel() >= 2**31, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, num_warps=C.num_warps(BLOCK_R * BLOCK_C))

@@ -7,7 +7,7 @@ the head dim), for the double blocks also `norm_added_q/k` on the text stream an
 transpose to [B, H, S, D]. The text stream ("context") is written at sequence offset 0, the image
 stream after it, straight into one joint buffer, so the concatenation costs nothing.
 
-Layers: `_fwd_kernel` / `_bwd_kernel` (Triton) -> `launch_fwd` / `launch_bwd` (one launch per stream)
+Layers: `_fl_qk_norm_rope_fwd_kernel` / `_fl_qk_norm_rope_bwd_kernel` (Triton) -> `launch_fwd` / `launch_bwd` (one launch per stream)
 -> `QKNormRopeFunction` -> `qk_norm_rope`; `reference` beside it.
 """
 
@@ -67,7 +67,7 @@ if C.HAVE_TRITON:
         tl.store(o_ptr + o_off, y.to(o_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _fwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+    def _fl_qk_norm_rope_fwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
                     S, H, S_joint, seq_off, eps, D: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # Per row (one head of one token) of a stream, for x in (q, k):
@@ -96,7 +96,7 @@ if C.HAVE_TRITON:
         tl.store(dw_ptr + pid * D + dd, tl.sum(tl.sum(dn * x * r, axis=1), axis=0), mask=dd < D)  # [BD]
 
     @triton.jit
-    def _bwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr,
+    def _fl_qk_norm_rope_bwd_kernel(q_ptr, k_ptr, wq_ptr, wk_ptr, cos_ptr, sin_ptr, gq_ptr, gk_ptr,
                     dq_ptr, dk_ptr, dwq_ptr, dwk_ptr,
                     S, H, S_joint, seq_off, eps, D: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -128,7 +128,7 @@ def launch_fwd(q, k, wq, wk, cos, sin, q_out, k_out, seq_off: int, eps: float) -
     """One stream q, k [B, S, H, D] (contiguous) -> rows seq_off.. of q_out, k_out [B, H, S_joint, D]."""
     grid, kw = _grid_args(q, q_out)
     C.count(f"{FAMILY}.fwd")
-    _fwd_kernel[grid](q, k, wq, wk, cos, sin, q_out, k_out, seq_off=seq_off, eps=eps, **kw)
+    _fl_qk_norm_rope_fwd_kernel[grid](q, k, wq, wk, cos, sin, q_out, k_out, seq_off=seq_off, eps=eps, **kw)
 
 
 def launch_bwd(q, k, wq, wk, cos, sin, gq, gk, seq_off: int, eps: float):
@@ -139,7 +139,7 @@ def launch_bwd(q, k, wq, wk, cos, sin, gq, gk, seq_off: int, eps: float):
     n_prog = grid[0] * grid[1] * grid[2]
     dw = C.new_empty((2, n_prog, q.shape[-1]), acc, q.device)  # per-program partial sums (stage 1)
     C.count(f"{FAMILY}.bwd")
-    _bwd_kernel[grid](q, k, wq, wk, cos, sin, gq, gk, dq, dk, dw[0], dw[1], seq_off=seq_off, eps=eps, **kw)
+    _fl_qk_norm_rope_bwd_kernel[grid](q, k, wq, wk, cos, sin, gq, gk, dq, dk, dw[0], dw[1], seq_off=seq_off, eps=eps, **kw)
     dwq, dwk = dw.sum(1)  # stage 2: one small reduction for both weights
     return dq, dk, dwq, dwk
 

@@ -5,7 +5,7 @@ sequence_dim=1)`, the call `FluxAttnProcessor` makes: channels pair up as (2i, 2
 rotates by the angle whose cos/sin `FluxPosEmbed` tabulates (its 3 axes concatenated along D,
 each value repeated for both members of a pair). Math in fp32, output in the input dtype.
 
-Layers: `_rope_kernel` (Triton; forward and backward are the same kernel, `BACKWARD` picks the
+Layers: `_fl_rope_kernel` (Triton; forward and backward are the same kernel, `BACKWARD` picks the
 transposed rotation) -> `launch_rope` -> `RopeFunction` -> `apply_rope`; `reference` beside it.
 """
 
@@ -66,7 +66,7 @@ if C.HAVE_TRITON:
                 tl.load(sin_ptr + off, mask=mask, other=0.0).to(ACC))
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, H,
+    def _fl_rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, S, H,
                      D: tl.constexpr, BACKWARD: tl.constexpr, ACC: tl.constexpr, BIG: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
         # x, out: contiguous [B, S, H, D]; program (i, j, b) takes tokens i*BLOCK_T.. and heads
@@ -118,7 +118,7 @@ def launch_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward:
     cfg = tile_config(S, H, D)
     grid = (triton.cdiv(S, cfg["BLOCK_T"]), triton.cdiv(H, cfg["BLOCK_H"]), B)
     C.count(f"{FAMILY}.{'bwd' if backward else 'fwd'}")
-    _rope_kernel[grid](x, cos, sin, out, S, H, D=D, BACKWARD=backward, ACC=C.acc_dtype(x.dtype),
+    _fl_rope_kernel[grid](x, cos, sin, out, S, H, D=D, BACKWARD=backward, ACC=C.acc_dtype(x.dtype),
                        BIG=x.numel() >= 2**31, **cfg)
     return out
 

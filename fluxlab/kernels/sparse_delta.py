@@ -6,7 +6,7 @@ dθ = gather(dW_eff, index). W stays what it is (a frozen Parameter, the same te
 held): nothing dense is trained, stored twice, or rebuilt; per call only W_eff is formed, and the
 linear layer drops it right after use (it is re-formed in backward instead of being saved).
 
-Layers: `_scatter_add_kernel` / `_gather_kernel` (Triton) -> `launch_scatter_add` / `launch_gather`
+Layers: `_fl_sparse_delta_scatter_kernel` / `_fl_sparse_delta_gather_kernel` (Triton) -> `launch_scatter_add` / `launch_gather`
 -> `SparseDeltaFunction` (the op Φ) and `SparseDeltaLinearFunction` (y = x W_effᵀ + b) ->
 `sparse_delta` / `sparse_linear` -> `SparseDeltaLinear`; `reference` / `reference_linear` beside them.
 Trainer API: `apply_sparse_adapter`, `enter_sparse_mode`, `sparse_state_dict`, `load_sparse_state_dict`.
@@ -30,7 +30,7 @@ FAMILY = "sparse_delta"
 # --- Triton -----------------------------------------------------------------------------------
 if C.HAVE_TRITON:
     @triton.jit
-    def _scatter_add_kernel(w_ptr, idx_ptr, theta_ptr, K, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    def _fl_sparse_delta_scatter_kernel(w_ptr, idx_ptr, theta_ptr, K, ACC: tl.constexpr, BLOCK: tl.constexpr):
         # Φ, in place on a copy of W:  w[idx[k]] = w[idx[k]] + θ[k]   (indices unique: no atomics)
         k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = k < K
@@ -39,7 +39,7 @@ if C.HAVE_TRITON:
         tl.store(w_ptr + i, w.to(w_ptr.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _gather_kernel(g_ptr, idx_ptr, out_ptr, K, BLOCK: tl.constexpr):
+    def _fl_sparse_delta_gather_kernel(g_ptr, idx_ptr, out_ptr, K, BLOCK: tl.constexpr):
         # Φᵀ:  dθ[k] = dW[idx[k]]
         k = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = k < K
@@ -54,7 +54,7 @@ def launch_scatter_add(weight: torch.Tensor, theta: torch.Tensor, index: torch.T
     K = index.numel()
     BLOCK = C.rows_per_program(K, 1)
     C.count(f"{FAMILY}.fwd")
-    _scatter_add_kernel[(triton.cdiv(K, BLOCK),)](out, index, theta, K, ACC=C.acc_dtype(weight.dtype), BLOCK=BLOCK)
+    _fl_sparse_delta_scatter_kernel[(triton.cdiv(K, BLOCK),)](out, index, theta, K, ACC=C.acc_dtype(weight.dtype), BLOCK=BLOCK)
     return out
 
 
@@ -65,7 +65,7 @@ def launch_gather(grad: torch.Tensor, index: torch.Tensor, dtype: torch.dtype) -
     out = C.new_empty((K,), dtype, grad.device)
     BLOCK = C.rows_per_program(K, 1)
     C.count(f"{FAMILY}.bwd")
-    _gather_kernel[(triton.cdiv(K, BLOCK),)](grad, index, out, K, BLOCK=BLOCK)
+    _fl_sparse_delta_gather_kernel[(triton.cdiv(K, BLOCK),)](grad, index, out, K, BLOCK=BLOCK)
     return out
 
 
@@ -98,19 +98,24 @@ class SparseDeltaLinearFunction(torch.autograd.Function):
         w_eff = launch_scatter_add(weight, theta, index)  # [out, in]
         ctx.save_for_backward(x, weight, theta, index)
         ctx.has_bias = bias is not None
+        ctx.bias_dtype = bias.dtype if bias is not None else None
         return F.linear(x, w_eff, bias)
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, theta, index = ctx.saved_tensors
-        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])  # [N, out], [N, in]
+        # Under autocast the forward's F.linear ran in low precision while x may be fp32: do the
+        # backward matmuls in dy's dtype and hand each gradient back in its input's dtype.
+        dy2 = dy.reshape(-1, dy.shape[-1])                                   # [N, out]
+        x2 = x.reshape(-1, x.shape[-1]).to(dy2.dtype)                        # [N, in]
         dx = dtheta = dbias = None
         if ctx.needs_input_grad[0]:
-            dx = (dy2 @ launch_scatter_add(weight, theta, index)).reshape(x.shape)
+            w_eff = launch_scatter_add(weight, theta, index).to(dy2.dtype)  # [out, in]
+            dx = (dy2 @ w_eff).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[3]:
             dtheta = launch_gather(dy2.t() @ x2, index, theta.dtype)  # dense dW_eff [out, in], gathered
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            dbias = dy2.sum(0)
+            dbias = dy2.sum(0).to(ctx.bias_dtype)
         return dx, None, dbias, dtheta, None
 
 

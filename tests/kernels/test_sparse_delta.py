@@ -37,6 +37,24 @@ def test_sparse_delta_op_scatter_and_gather(dtype):
     assert kernels.counters() == {"sparse_delta.fwd": 1, "sparse_delta.bwd": 1}
 
 
+def test_sparse_linear_backward_under_autocast_matches_reference():
+    # Autocast runs the forward matmul in bf16 while x and bias stay fp32 (a LayerNorm output, say).
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    w = torch.randn(12, 16, generator=g)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    theta = torch.randn(20, generator=g, requires_grad=True)
+    index = SD.choose_indices(w.numel(), 20 / w.numel(), seed=1)
+    grads = []
+    for fn in (SD.sparse_linear, SD.reference_linear):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x, w, b, theta, index)
+        grads.append(torch.autograd.grad(y.float().square().sum(), (x, b, theta)))
+    for got, want, t in zip(grads[0], grads[1], (x, b, theta)):
+        assert got.dtype == t.dtype and torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_choose_indices_seeded_sorted_distinct():
     a, b = SD.choose_indices(10_000, 0.01, seed=7), SD.choose_indices(10_000, 0.01, seed=7)
     assert torch.equal(a, b) and a.numel() == 100 and a.dtype == torch.int32

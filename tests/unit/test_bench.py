@@ -72,8 +72,11 @@ def test_did_not_run_wins_over_a_faster_timing():
 
 
 def test_evidence_accepts_profiler_kernel_names():
-    ev = bench.Evidence.from_counters({}, {}, ["rope", "adaln"], kernel_names=["_rope_fwd_kernel"])
+    ev = bench.Evidence.from_counters({}, {}, ["rope", "adaln"], kernel_names=["_fl_rope_kernel"])
     assert not ev.ran and "adaln" in ev.reason and "rope:" not in ev.reason
+    # A qk_norm_rope kernel is not evidence that the standalone rope family ran.
+    ev = bench.Evidence.from_counters({}, {}, ["rope"], kernel_names=["_fl_qk_norm_rope_fwd_kernel"])
+    assert not ev.ran and "rope" in ev.reason
 
 
 def test_collect_evidence_sees_a_disabled_path(monkeypatch):

@@ -111,12 +111,13 @@ def test_preallocated_output_shape_mismatch_is_refused(session, shape):
 
 
 # --- latency aggregation ---------------------------------------------------------------------------
-def test_percentiles_match_numpy_on_the_same_samples():
-    x = np.random.default_rng(0).lognormal(0.0, 0.3, size=257)
+def test_percentiles_are_exact_on_samples_with_known_percentiles():
+    # 1..1001 shuffled: the q-th percentile (linear interpolation) is exactly 1 + 10*q.
+    x = np.random.default_rng(0).permutation(np.arange(1, 1002, dtype=float))
     rep = summarize_latency(x)
     for name, q in (("p50", 50), ("p90", 90), ("p95", 95), ("p99", 99), ("p99.9", 99.9)):
-        assert rep.percentiles_s[name] == pytest.approx(np.percentile(x, q), rel=1e-12)
-    assert rep.samples_s == x.tolist() and rep.n == 257
+        assert rep.percentiles_s[name] == pytest.approx(1 + 10 * q, rel=1e-12)
+    assert rep.samples_s == x.tolist() and rep.n == 1001
 
 
 def test_planted_outlier_is_flagged_and_clean_samples_are_not():

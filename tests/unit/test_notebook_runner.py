@@ -148,3 +148,14 @@ def test_verdict_table_lists_records_and_failed_runs():
     table = notebook.verdict_table(recs, [failed])
     assert "rope" in table and "faster" in table and "1.500" in table and "[1.400, 1.600]" in table
     assert "memory_graphs" in table and "AssertionError: leak" in table
+
+
+def test_series_samples_track_the_measured_side_whatever_the_key_order():
+    from fluxlab.notebook import series_samples
+
+    base, cand = [10.0, 11.0, 12.0], [5.0, 6.0, 7.0]
+    # The store sorts keys: "baseline" comes first, and must not be mistaken for the measured side.
+    for key in ("candidate", "variant", "impl", "ddp"):
+        assert series_samples({"samples": {"baseline": base, key: cand}}) == cand
+    assert series_samples({"samples": {"baseline": base, "compiled": base}}) is None
+    assert series_samples({"samples": cand}) == cand
