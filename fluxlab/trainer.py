@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fluxlab import models
+from fluxlab import checkpoints, models
 from fluxlab.config import ConfigError, TrainConfig, load_config
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -628,6 +628,9 @@ class Trainer:
         try:
             while self.global_step < cfg.steps:
                 t0 = time.perf_counter()
+                # Where this step starts: a checkpoint written after an OOM in it must resume here,
+                # not after the batches and random draws the failed step already took.
+                self._step_start = (self.epoch, self.consumed, checkpoints.capture_rng_state())
                 wait = 0.0
                 micro = []
                 for _ in range(cfg.gradient_accumulation):
@@ -823,8 +826,6 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """Every rank calls this (it gathers per-rank RNG states); rank 0 writes and prunes."""
-        from fluxlab import checkpoints
-
         rng = _gather(checkpoints.capture_rng_state())
         path = self.checkpoint_root / f"step_{self.global_step}"
         if self.rank == 0:
@@ -847,8 +848,6 @@ class Trainer:
 
     def _find_resume(self):
         """Pick and verify the checkpoint to resume (before the model loads); None to start fresh."""
-        from fluxlab import checkpoints
-
         if str(self.resume) == "latest":
             path, skipped = checkpoints.latest_checkpoint(self.checkpoint_root)
             if self.rank == 0:
@@ -873,8 +872,6 @@ class Trainer:
         return ckpt
 
     def _load_resume(self, ckpt) -> None:
-        from fluxlab import checkpoints
-
         params = self.trainable_parameters()
         missing = sorted(set(params) - set(ckpt.tensors))
         if missing:
@@ -955,6 +952,9 @@ class Trainer:
         if phase in ("forward", "backward") and self.global_step > 0:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
+            self.epoch, self.consumed, rng = self._step_start
+            self.batch_sampler.set_epoch(self.epoch)
+            checkpoints.restore_rng_state(rng)
             try:
                 path = self.save_checkpoint()
                 lines.append(f"  checkpoint of step {self.global_step} written to {path}")

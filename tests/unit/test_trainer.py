@@ -202,5 +202,8 @@ def test_out_of_memory_reports_the_step_and_checkpoints_the_last_completed_one(p
     assert "resolution" in msg and "quantize=nf4" in msg
     ckpt = load_checkpoint(tmp_path / "checkpoints" / "step_2")   # verified on load
     assert ckpt.step == 2
+    # Resume must start at step 3's batches: the sampler cursor is where step 2 left it
+    # (batch 2, accumulation 1: two batches consumed), not past the failed step's batch.
+    assert ckpt.state["sampler"]["cursor"] == 2 * cfg.gradient_accumulation, ckpt.state["sampler"]
     for name, p in tr.trainable_parameters().items():           # params of the last completed step
         assert torch.equal(ckpt.tensors[name], p.detach()), name
