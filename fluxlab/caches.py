@@ -28,7 +28,6 @@ import json
 import os
 import struct
 import sys
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fluxlab._atomic import atomic_write_bytes  # noqa: F401  (also this module's public name)
 
 # Bump when the entry format or the key recipe changes: old entries then simply miss.
 FORMAT_VERSION = 1
@@ -107,32 +108,6 @@ def _payload_sha256(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-# --- atomic file writes -------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the whole new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # The rename is durable only once the directory entry is on disk (POSIX; Windows can't open dirs).
-    if sys.platform == "win32":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- one entry on disk --------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import math
 import os
 import random
 import statistics
-import tempfile
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
@@ -29,6 +28,8 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFile
+
+from fluxlab._atomic import atomic_write_bytes
 
 # Extension -> the Pillow formats we let decode it. Restricting formats stops Pillow from
 # "recognising" garbage as a format with weak magic bytes (TGA, ICO...), so random bytes named
@@ -48,18 +49,6 @@ __all__ = ["Issue", "DatasetReport", "validate_dataset", "make_sample_dataset", 
 
 
 # --- small helpers ------------------------------------------------------------------------------
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 @contextlib.contextmanager
@@ -410,8 +399,8 @@ def make_sample_dataset(dir: str | os.PathLike, *, min_images: int = 12) -> Path
         found = [src_dir / f"{stem}{ext}" for ext in (".png", ".jpg") if (src_dir / f"{stem}{ext}").exists()]
         if not found:
             continue        # older scikit-image versions download some images on demand; skip those
-        _atomic_write(out / found[0].name, found[0].read_bytes())
-        _atomic_write(out / f"{stem}{CAPTION_EXT}", (caption.strip() + "\n").encode("utf-8"))
+        atomic_write_bytes(out / found[0].name, found[0].read_bytes())
+        atomic_write_bytes(out / f"{stem}{CAPTION_EXT}", (caption.strip() + "\n").encode("utf-8"))
         copied += 1
     if copied < min_images:
         raise FileNotFoundError(f"only {copied} of the captioned images exist in {src_dir} (need {min_images}); "
@@ -483,12 +472,12 @@ def make_shapes_dataset(dir: str | os.PathLike, n: int = 64, seed: int = 0, size
         buf = io.BytesIO()
         _draw_shape(w, h, a).save(buf, format="PNG", optimize=False)
         stem = f"shape_{i:05d}"
-        _atomic_write(out / f"{stem}.png", buf.getvalue())
-        _atomic_write(out / f"{stem}{CAPTION_EXT}", (caption + "\n").encode("utf-8"))
+        atomic_write_bytes(out / f"{stem}.png", buf.getvalue())
+        atomic_write_bytes(out / f"{stem}{CAPTION_EXT}", (caption + "\n").encode("utf-8"))
         names.update({f"{stem}.png", f"{stem}{CAPTION_EXT}"})
         attrs_lines.append(json.dumps({"file_name": f"{stem}.png", "caption": caption, "width": w, "height": h,
                                        **a, "position": POSITIONS[a["position"]]}))
-    _atomic_write(out / "attributes.jsonl", ("\n".join(attrs_lines) + "\n").encode("utf-8"))
+    atomic_write_bytes(out / "attributes.jsonl", ("\n".join(attrs_lines) + "\n").encode("utf-8"))
     # A previous, larger build leaves extra shape files behind; they would silently join the dataset.
     for p in out.glob("shape_*"):
         if p.name not in names and p.suffix in (".png", CAPTION_EXT):

@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import os
@@ -53,6 +54,7 @@ import numpy as np
 import torch
 
 from fluxlab import checkpoints, models
+from fluxlab._atomic import atomic_write_bytes, atomic_write_text
 from fluxlab.config import ConfigError, TrainConfig, load_config
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -761,18 +763,16 @@ class Trainer:
             ax.grid(alpha=0.3)
             fig.tight_layout()
             path = self.out / f"{key}.png"
-            tmp = path.with_name(f".{path.name}.tmp.png")
-            fig.savefig(tmp, dpi=100)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=100)
             plt.close(fig)
-            os.replace(tmp, path)
+            atomic_write_bytes(path, buf.getvalue())
             self.written.append(str(path))
 
     # ---- files (rank 0 alone writes) ---------------------------------------------------------------
     def _write_text(self, path: Path, text: str) -> None:
         assert self.rank == 0, "only rank 0 writes"
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        atomic_write_text(path, text)
 
     def _write_json(self, path: Path, obj) -> None:
         self._write_text(path, json.dumps(obj, indent=1, default=str))
@@ -798,12 +798,9 @@ class Trainer:
 
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.adapter_state_dict().items()}
         if self.cfg.adapter == "sparse":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            path = self.out / "sparse_delta.safetensors"
-            tmp = path.with_name(f".{path.name}.tmp")
-            save_file(state, str(tmp))
-            os.replace(tmp, path)
+            path = atomic_write_bytes(self.out / "sparse_delta.safetensors", save(state))
             self.written.append(str(path))
             return path
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".lora-") as tmp:
