@@ -548,7 +548,9 @@ def main(argv=None) -> int:
 
     from fluxlab import store
 
-    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from fluxlab.models import default_device
+
+    device = a.device or default_device()
     parts = [p for p in a.parts.split(",") if p]
     variants = [v for v in a.variants.split(",") if v]
     bad = [p for p in parts if p not in PARTS] + [v for v in variants if v not in VARIANTS]

@@ -173,22 +173,19 @@ class TrainConfig:
         return self.lora_alpha or float(self.rank)
 
     def resolved_device(self, local_rank: int | None = None) -> torch.device:
-        if self.device == "auto":
-            if torch.cuda.is_available():
-                return torch.device("cuda", local_rank or 0)
-            return torch.device("cpu")
-        dev = torch.device(self.device)
-        if dev.type == "cuda" and local_rank is not None:
-            return torch.device("cuda", local_rank)
+        from fluxlab.models import default_device
+
+        dev = torch.device(default_device() if self.device == "auto" else self.device)
+        if dev.type == "cuda" and (local_rank is not None or self.device == "auto"):
+            return torch.device("cuda", local_rank or 0)
         return dev
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of base weights and autocast: fp32 on the CPU, bf16 where supported."""
-        if self.mixed_precision == "no" or device.type != "cuda":
-            return torch.float32
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32  # "auto" on a GPU without bf16 (validate() refused explicit "bf16")
+        from fluxlab.models import default_dtype
+
+        # "auto" on a GPU without bf16 gives fp32 (validate() refused an explicit "bf16" there).
+        return torch.float32 if self.mixed_precision == "no" else default_dtype(device)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

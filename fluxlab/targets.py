@@ -261,9 +261,9 @@ def get(name: str) -> Target:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    from fluxlab.models import default_device
+
+    return torch.device(default_device() if device == "auto" else device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
