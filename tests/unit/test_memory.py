@@ -45,7 +45,9 @@ def test_cpu_tracer_sees_a_kept_tensor():
     a, b = tracer.samples
     assert b["tensors"] - a["tensors"] >= kept.nbytes
     if a["heap"] is not None:
-        assert b["heap"] - a["heap"] >= kept.nbytes
+        # The C heap also sees unrelated small frees between the two readings (608 bytes were seen
+        # once): allow 5%. A tracer that missed the 4 MiB tensor would show ~0 growth.
+        assert b["heap"] - a["heap"] >= 0.95 * kept.nbytes
     assert tracer.values() == [s[tracer.metric] for s in tracer.samples]
     assert tracer.to_dict()["device"] == "cpu"
 
