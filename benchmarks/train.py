@@ -231,7 +231,7 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "benchmarks.train", "--child", name] + [f"--{k}={getattr(a, k)}" for k in
                                                               ("preset", "res", "batch", "rank", "steps", "warmup")]
         p = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
-                           timeout=a_timeout(a))
+                           timeout=420 if a.res >= 1024 else 300)   # compile warm-up included
         res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
         if res is None:
             tail = (p.stderr.strip().splitlines() or ["no output"])[-1][:400]
@@ -270,10 +270,6 @@ def main(argv=None) -> int:
     (out / "records.jsonl").write_text(store.export_records("json", store=db))
     print(json.dumps({"ceilings": ceil, "step_tflop": flops / 1e12}))
     return 0
-
-
-def a_timeout(a) -> int:
-    return 420 if a.res >= 1024 else 300
 
 
 def _row(res: dict, flops: float, ceil: dict) -> str:
