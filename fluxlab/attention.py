@@ -191,17 +191,11 @@ def install(transformer, backend: str = "auto") -> int:
 
 
 def classify_kernels(names) -> set[str]:
-    """Which attention backends a list of profiler kernel names shows."""
-    seen = set()
-    for n in names:
-        low = n.lower()
-        if "cudnn" in low or "sdpa_sm" in low or "fmha_sm9" in low:
-            seen.add("cudnn")
-        elif "flash" in low:
-            seen.add("flash")
-        elif "fmha" in low or "cutlass" in low and "attention" in low or "efficient_attention" in low:
-            seen.add("efficient")
-    return seen
+    """Which attention backends a list of profiler kernel names shows (anchored patterns, so an
+    inductor kernel named after the cuDNN op does not count as cuDNN)."""
+    from fluxlab.measure.evidence import attention_backends
+
+    return attention_backends(names)
 
 
 def kernel_names(fn, *args, **kwargs) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import datetime as _dt
 import io
 import json
@@ -33,9 +34,14 @@ RECORD_MIME = "application/vnd.fluxlab.record+json"
 # Field order of exports. Extra keys (from provenance_overrides) are kept after these.
 FIELDS = (
     "id", "run_id", "benchmark", "verdict", "ratio", "ci_low", "ci_high", "device", "device_name",
-    "notebook", "params", "metrics", "samples", "utc", "git_commit", "git_dirty", "host", "driver",
+    "notebook", "params", "metrics", "samples", "utc", "git_commit", "git_dirty", "git_diff_sha256",
+    "supersedes", "host", "driver",
     "cuda", "torch", "triton", "diffusers", "peft", "transformers", "python", "triton_mode",
 )
+# Fields no override may set: identity, time, the verdict and where the code came from.
+PROTECTED = ("id", "utc", "verdict", "git_commit", "git_dirty", "git_diff_sha256")
+# Verdicts that claim a speed difference: they need an evidence check that the fast path ran.
+SPEED_VERDICTS = ("faster", "slower")
 # Record keys that also live in their own column, so query() can filter in SQL.
 _COLUMNS = ("id", "run_id", "benchmark", "verdict", "device", "device_name", "notebook", "utc")
 
@@ -84,21 +90,40 @@ def _git(*args: str) -> str | None:
     return out.stdout if out.returncode == 0 else None
 
 
+def _diff_hash() -> str | None:
+    """sha256 of what makes the tree dirty: the diff against HEAD plus untracked files' names and
+    bytes, so a record from a dirty tree still names exactly what it ran."""
+    diff = _git("diff", "HEAD", "--binary")
+    if diff is None:
+        return None
+    h = hashlib.sha256(diff.encode())
+    for name in sorted((_git("ls-files", "--others", "--exclude-standard") or "").splitlines()):
+        h.update(name.encode())
+        with contextlib.suppress(OSError):
+            h.update((_CHECKOUT / name).read_bytes())
+    return h.hexdigest()
+
+
 def provenance(notebook: str | None = None, params: dict | None = None) -> dict:
-    """Run id, notebook and parameters, git commit and dirty flag, host, device, driver, package
-    versions and UTC time. Cheap: no imports beyond what is loaded; git with a timeout."""
+    """Run id, notebook and parameters, git commit, dirty flag and a diff hash when dirty, host,
+    device, driver, package versions and UTC time. Cheap: no imports beyond what is loaded; git
+    with a timeout."""
     commit = _git("rev-parse", "HEAD")
     status = _git("status", "--porcelain") if commit is not None else None
+    diff_hash = _diff_hash() if status and status.strip() else None
     if commit is None and os.environ.get("FLUXLAB_GIT_COMMIT"):
-        # A copy without .git (e.g. a tree shipped to a GPU box): the caller states what it is.
+        # A copy without .git (e.g. a tree shipped to a GPU box): the caller states what it is,
+        # and vouches for cleanliness with FLUXLAB_GIT_DIRTY=0 (or names the diff's hash).
         commit = os.environ["FLUXLAB_GIT_COMMIT"]
         status = "dirty" if os.environ.get("FLUXLAB_GIT_DIRTY", "1") != "0" else ""
+        diff_hash = os.environ.get("FLUXLAB_GIT_DIFF_HASH") or None
     prov = {
         "run_id": run_id(),
         "notebook": notebook or os.environ.get("FLUXLAB_NOTEBOOK"),
         "params": dict(params or {}),
         "git_commit": commit.strip() if commit else None,
         "git_dirty": bool(status.strip()) if status is not None else None,
+        "git_diff_sha256": diff_hash,
         "utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z"),
     }
     prov.update(_env.environment())
@@ -178,18 +203,32 @@ def _summary(rec: dict) -> str:
 
 def record(benchmark: str, *, verdict=None, ratio=None, ci_low=None, ci_high=None, samples=None,
            metrics: dict | None = None, params: dict | None = None, notebook: str | None = None,
-           device=None, store=None, display: bool = True,
+           device=None, store=None, display: bool = True, supersedes: str | None = None,
            provenance_overrides: dict | None = None) -> dict:
     """Write one record (with provenance and raw samples) to the store and return it.
 
     Inside IPython it is also displayed as `RECORD_MIME`, which is how `harvest()` finds it later.
     `samples` may be a list or a dict of lists (e.g. {"baseline": [...], "candidate": [...]}).
+    A `faster`/`slower` verdict needs `metrics["evidence"]` showing the fast path ran (as
+    `Comparison.record_fields()` carries it); without it the record says `unverified`.
+    `supersedes` names the id of an earlier record this one corrects (records are never edited).
+    `provenance_overrides` may not touch the fields in PROTECTED.
     """
     if not benchmark or not isinstance(benchmark, str):
         raise ValueError(f"record(): benchmark must be a non-empty string, got {benchmark!r}")
+    blocked = sorted(set(provenance_overrides or {}) & set(PROTECTED))
+    if blocked:
+        raise ValueError(f"record(): provenance_overrides may not set {blocked} (protected: {', '.join(PROTECTED)})")
+    metrics = dict(metrics or {})
+    evidence = metrics.get("evidence")
+    if verdict in SPEED_VERDICTS and not (isinstance(evidence, dict) and evidence.get("ran") is True):
+        metrics.setdefault("timing_verdict", verdict)
+        metrics["unverified_reason"] = "no evidence check that the fast path ran"
+        verdict = "unverified"
     rec = provenance(notebook=notebook, params=params)
     rec.update({"id": uuid.uuid4().hex, "benchmark": benchmark, "verdict": verdict, "ratio": ratio,
-                "ci_low": ci_low, "ci_high": ci_high, "samples": samples, "metrics": dict(metrics or {})})
+                "ci_low": ci_low, "ci_high": ci_high, "samples": samples, "metrics": metrics,
+                "supersedes": supersedes})
     if device is not None:
         rec["device"] = str(device)
     rec.update(provenance_overrides or {})

@@ -26,7 +26,7 @@ def db(tmp_path) -> Path:
 def _two_records(db):
     a = store.record("rope.fwd", verdict="faster", ratio=1.31, ci_low=1.22, ci_high=1.4,
                      samples={"baseline": [2.0, 2.1, 2.05], "candidate": [1.5, 1.6, 1.55]},
-                     metrics={"tflops": 312.5}, params={"seq": 4608, "dtype": "bf16"},
+                     metrics={"tflops": 312.5, "evidence": {"ran": True, "reason": "rope.fwd +3"}}, params={"seq": 4608, "dtype": "bf16"},
                      notebook="validation_session", device="cuda:0", store=db, display=False)
     b = store.record("train.step", verdict="no-difference", ratio=0.99, ci_low=0.95, ci_high=1.03,
                      samples=[545.0, 546.0, 544.5], store=db, display=False)
