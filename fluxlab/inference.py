@@ -350,9 +350,9 @@ class LeakReport:
     values: list[int]
     growth_bytes: int
     budget_bytes: float
-    verdict: str  # "pass" or "leak"
+    verdict: str  # "pass" or "leak", by fluxlab.memory.leak_verdict (slope CI and budget)
     peaks: list[int] = field(default_factory=list)  # CUDA: peak allocated during each generation
-    slope: dict | None = None  # fluxlab.memory.leak_verdict over the same values (trend, 99% CI)
+    slope: dict | None = None  # the leak_verdict behind `verdict` (trend, 99% CI, projection)
 
     @property
     def ok(self) -> bool:
@@ -590,13 +590,15 @@ class InferenceSession:
 
     def leak_test(self, n: int = 10, budget_bytes: float = 50 * MiB, warmup: int = 2,
                   prompt: str = "a red circle", progress: bool = False) -> LeakReport:
-        """Memory after each of `n` generations following `warmup`; growth = last - first.
-
-        Verdict "leak" when growth exceeds `budget_bytes`. gc runs before each reading, so only
-        memory that something still references counts.
+        """Memory after each of `n` generations following `warmup`, judged by fluxlab's one leak
+        rule (`fluxlab.memory.leak_verdict`): a leak is a slope whose 99% CI excludes 0 AND whose
+        growth projected over the `n` generations exceeds `budget_bytes`. gc runs before each
+        reading, so only memory that something still references counts.
         """
-        if n < 2:
-            raise ValueError(f"leak_test needs n >= 2 generations to measure growth, got {n}")
+        from fluxlab.memory import leak_verdict
+
+        if n < 3:
+            raise ValueError(f"leak_test needs n >= 3 generations to fit a trend, got {n}")
         from tqdm.auto import tqdm
 
         for i in range(warmup):
@@ -612,17 +614,10 @@ class InferenceSession:
             values.append(int(now[metric]))
             if now["peak"] is not None:
                 peaks.append(int(now["peak"]))
-        growth = values[-1] - values[0]
-        slope = None
-        if n >= 3:
-            try:
-                from fluxlab.memory import leak_verdict
-            except ImportError as e:  # fluxlab.memory needs psutil, which a bare GPU box may lack
-                slope = {"error": f"trend fit unavailable: {e}"}
-            else:
-                slope = leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes).to_dict()
-        return LeakReport(metric=metric, values=values, growth_bytes=growth, budget_bytes=float(budget_bytes),
-                          verdict="leak" if growth > budget_bytes else "pass", peaks=peaks, slope=slope)
+        trend = leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes)
+        return LeakReport(metric=metric, values=values, growth_bytes=values[-1] - values[0],
+                          budget_bytes=float(budget_bytes), verdict="leak" if trend.leak else "pass", peaks=peaks,
+                          slope=trend.to_dict())
 
     def determinism(self, seed: int = 0, other_seed: int = 1, prompt: str = "a red circle") -> DeterminismReport:
         """Same seed twice must be bit-identical, a different seed must differ.

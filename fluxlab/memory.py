@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import psutil
 import torch
 from scipy import stats
 
@@ -79,6 +78,8 @@ def live_tensor_bytes() -> int:
 
 
 def _rss() -> int:
+    import psutil  # CPU only: a bare GPU box may lack it, and the leak rule must not need it
+
     return psutil.Process().memory_info().rss
 
 

@@ -225,8 +225,11 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
     import papermill
 
     output.parent.mkdir(parents=True, exist_ok=True)
+    # The caller's folder goes on the kernel's path, so `-p target=mypkg.mod:T` imports the user's
+    # own module although the kernel runs in notebooks/.
+    path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     kernel_env = {"FLUXLAB_RUN_ID": run_id, "FLUXLAB_NOTEBOOK": nb_path.stem, "FLUXLAB_PRESET": preset,
-                  "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), **(env or {})}
+                  "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "PYTHONPATH": path, **(env or {})}
     if "TRITON_INTERPRET" not in os.environ and "TRITON_INTERPRET" not in kernel_env and not gpu_ids():
         kernel_env["TRITON_INTERPRET"] = "1"  # no GPU: run the Triton kernels interpreted, as `make` does
     try:
@@ -567,11 +570,15 @@ def latest_vs_baseline(groups: dict, baseline: str = "first") -> list[dict]:
         base, latest = (timed[0] if baseline == "first" else timed[-2]), timed[-1]
         devices = {str(r.get("device_name") or r.get("device")) for r in (base, latest)}
         assert len(devices) == 1, f"series {key} mixes devices {devices}"  # internal invariant
-        c = bench.compare(series_samples(base), series_samples(latest))
-        change = {"slower": "regression", "faster": "improvement"}.get(c.verdict, "-")
+        # The latest record's own evidence (checked when it was measured), when it has any.
+        ev = (latest.get("metrics") or {}).get("evidence")
+        evidence = bench.Evidence(ran=bool(ev.get("ran")), reason=str(ev.get("reason", ""))) \
+            if isinstance(ev, dict) and "ran" in ev else None
+        c = bench.compare(series_samples(base), series_samples(latest), evidence=evidence)
+        change = {"slower": "regression", "faster": "improvement"}.get(c.timing_verdict, "-")
         rows.append({**_key_fields(key), "n_records": len(timed), "baseline_id": base["id"][:8],
                      "latest_id": latest["id"][:8], "ratio": c.ratio, "ci_low": c.ci_low, "ci_high": c.ci_high,
-                     "cv": c.cv, "verdict": c.verdict, "change": change})
+                     "verdict": c.verdict, "timing": c.timing_verdict, "change": change, "reason": c.reason})
     return rows
 
 
@@ -617,9 +624,13 @@ def synthetic_history(n: int = 12, shift_at: int | None = 8, shift: float = 0.15
     return out
 
 
-def measured_aa(trials: int = 10, repeats: int = 15, warmup: int = 2, device="cpu", seed: int = 0):
-    """Real A/A runs on this machine: one function timed against itself, interleaved, `trials`
-    times. Returns (verdict counts, false-positive rate). The workload is a small matmul."""
+def measured_controls(trials: int = 30, repeats: int = 15, warmup: int = 2, device="cpu", seed: int = 0,
+                      planted: float = 0.5) -> dict:
+    """Real A/A and planted comparisons on this machine, each timed interleaved `trials` times.
+
+    A/A: a 96x96 matmul against itself. Planted: against a 121x121 matmul, whose (121/96)^3 = 2.0x
+    the work is a known slowdown. Torch runs on one thread here, as two threads on two shared
+    cores would time the scheduler, not the op. Returns verdict counts per control and rates."""
     from collections import Counter
 
     import torch
@@ -628,9 +639,29 @@ def measured_aa(trials: int = 10, repeats: int = 15, warmup: int = 2, device="cp
 
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(96, 96, generator=g).to(device)
-    fn = lambda: a @ a  # noqa: E731
-    counts: Counter = Counter()
-    for _ in range(trials):
-        t = bench.time_interleaved({"A": fn, "A'": fn}, repeats=repeats, warmup=warmup, device=device)
-        counts[bench.compare(t["A"], t["A'"]).verdict] += 1
-    return dict(counts), (counts["faster"] + counts["slower"]) / max(trials, 1)
+    b = torch.randn(121, 121, generator=g).to(device)
+    same = bench.Evidence(ran=True, reason="control: both sides run the code under test")
+    counts = {"aa": Counter(), "planted": Counter()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(trials):
+            m = bench.run({"A": lambda: a @ a, "A'": lambda: a @ a, "B": lambda: b @ b}, repeats=repeats,
+                          warmup=warmup, device=device)
+            counts["aa"][bench.compare(m.samples["A"], m.samples["A'"], evidence=same).verdict] += 1
+            counts["planted"][bench.compare(m.samples["A"], m.samples["B"], evidence=same).verdict] += 1
+    finally:
+        torch.set_num_threads(threads)
+    aa, pl = counts["aa"], counts["planted"]
+    return {"trials": trials, "aa_verdicts": dict(aa), "planted_verdicts": dict(pl),
+            "aa_false_positive_rate": (aa["faster"] + aa["slower"]) / trials,
+            "aa_decisive_rate": aa["no-difference"] / trials,
+            "planted_detection_rate": pl["slower"] / trials, "planted_work_ratio": (121 / 96) ** 3}
+
+
+def false_positive_bound(trials: int, rate: float = 0.01, level: float = 0.999) -> int:
+    """The most false positives `trials` A/A comparisons may show when the true rate is `rate`
+    (the binomial `level` quantile): more than this and the rule is miscalibrated here."""
+    from scipy import stats
+
+    return int(stats.binom.ppf(level, trials, rate))

@@ -76,8 +76,13 @@ def record_fallback(family: str, reason: str) -> None:
         reasons.append(reason)
 
 
-def disabled() -> set[str]:
-    """Families named in $FLUXLAB_DISABLE (comma separated; "all" means every family).
+# Other fast paths FLUXLAB_DISABLE can switch off (validation targets honour them); one parser
+# for all, so a typo in any name is an error rather than a path silently left on.
+SWITCHES = ("attention", "compile", "latents", "text_embeddings", "position_ids")
+
+
+def requested_off() -> set[str]:
+    """Every name in $FLUXLAB_DISABLE (comma separated; "all" means every family and switch).
 
     Read at call time so a test or notebook can change it without re-importing. An unknown
     name is an error: a typo would otherwise leave the path silently enabled.
@@ -85,12 +90,17 @@ def disabled() -> set[str]:
     raw = os.environ.get(DISABLE_ENV, "")
     names = {n.strip() for n in raw.split(",") if n.strip()}
     if "all" in names:
-        return set(FAMILIES)
-    unknown = names - set(FAMILIES)
+        return set(FAMILIES) | set(SWITCHES)
+    unknown = names - set(FAMILIES) - set(SWITCHES)
     if unknown:
-        raise ValueError(f"{DISABLE_ENV}={raw!r} names unknown kernel families {sorted(unknown)}; "
-                         f"choose from {list(FAMILIES)} or 'all'")
+        raise ValueError(f"{DISABLE_ENV}={raw!r} names unknown fast paths {sorted(unknown)}; "
+                         f"choose from {list(FAMILIES) + list(SWITCHES)} or 'all'")
     return names
+
+
+def disabled() -> set[str]:
+    """Kernel families named in $FLUXLAB_DISABLE (see `requested_off`)."""
+    return requested_off() & set(FAMILIES)
 
 
 def interpreting() -> bool:

@@ -67,7 +67,7 @@ class Expect:
     """What must be observed for a variant to count as having run its claimed path.
 
     counters  {key: minimum increase per call}. A key also covers "<key>.<sub>" and "<key>:<sub>",
-              so {"rope": 1} accepts "rope.fwd". Read from `read()` (default: fluxlab's kernel
+              so {"rope": 1} accepts "rope.fwd"; "*" is the sum of all counters. Read from `read()` (default: fluxlab's kernel
               counters) before and after each timed sample.
     still     counter keys that must not move (e.g. a cache's "misses").
     kernels   regexes; each must fullmatch at least one profiled event name.
@@ -108,7 +108,8 @@ def _under(key: str, name: str) -> bool:
 
 
 def counter_delta(before: Mapping, after: Mapping, name: str) -> int:
-    return sum(v - before.get(k, 0) for k, v in after.items() if _under(k, name))
+    """Increase of counter `name` (with its sub-keys); "*" sums every counter."""
+    return sum(v - before.get(k, 0) for k, v in after.items() if name == "*" or _under(k, name))
 
 
 @dataclass

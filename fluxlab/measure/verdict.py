@@ -8,10 +8,14 @@ one verdict. The rules, in order (each record states its thresholds and the reas
   2. not-supported  a claimed ratio lies above the CI's upper bound (decided before any gate).
   3. inconclusive   n is too small for the Mann-Whitney p to ever reach P_THRESHOLD: the reason
                     says so (4 vs 4 samples can at best give p = 1/70).
-  4. faster/slower  one-sided p < P_THRESHOLD, the median ratio past 1 +- MAGNITUDE, and the CI
-                    excluding 1. Without an evidence check the verdict is `unverified` instead.
+  4. faster/slower  one-sided p < P_THRESHOLD / 2 (the two directions share P_THRESHOLD, so
+                    identical code is flagged at most 1% of the time), the median ratio past
+                    1 +- MAGNITUDE, and the CI excluding 1. Without an evidence check the
+                    verdict is `unverified` instead.
   5. no-difference  the whole CI lies inside the equivalence band [1/(1+MAGNITUDE), 1+MAGNITUDE].
-  6. inconclusive   otherwise: the CI is too wide for the data to decide; the reason gives it.
+  6. a tight CI     (half-width <= TIGHT of the ratio) decides by its point estimate: inside the
+                    band no-difference, beyond it (with the one-sided p) faster/slower.
+  7. inconclusive   otherwise: the CI is too wide for the data to decide; the reason gives it.
 
 The noise gate is the CI itself: a bootstrap CI of medians narrows as n grows and shrugs off an
 isolated outlier, where the raw coefficient of variation does neither.
@@ -30,14 +34,16 @@ from scipy import stats
 from fluxlab.measure.evidence import Evidence
 
 VERDICTS = ("faster", "slower", "no-difference", "inconclusive", "not-supported", "did-not-run", "unverified")
-P_THRESHOLD = 0.01
+P_THRESHOLD = 0.01  # for "faster or slower" as a whole: each one-sided test runs at P_THRESHOLD / 2
 MAGNITUDE = 0.05  # a change smaller than 5% is not worth calling faster or slower
 CI_LEVEL = 0.95
+TIGHT = 0.02  # a CI this narrow (half-width relative to the ratio) always decides
 
 
 def min_p_value(n_a: int, n_b: int) -> float:
     """The smallest one-sided exact Mann-Whitney p-value n_a vs n_b samples can give."""
-    return 1.0 / math.comb(n_a + n_b, n_a)
+    log_comb = math.lgamma(n_a + n_b + 1) - math.lgamma(n_a + 1) - math.lgamma(n_b + 1)  # log C(n_a+n_b, n_a)
+    return math.exp(-log_comb)
 
 
 @dataclass
@@ -95,17 +101,27 @@ def decide(*, ratio: float, ci_low: float, ci_high: float, p_faster: float, p_sl
     The one place the rule lives: `compare` and the simulations both call it."""
     band = (1 / (1 + magnitude), 1 + magnitude)
     ci = f"CI [{ci_low:.3f}, {ci_high:.3f}]"
+    alpha = P_THRESHOLD / 2  # per direction: identical code is flagged either way at most P_THRESHOLD of the time
     min_p = min_p_value(n_a, n_b)
-    if min_p >= P_THRESHOLD:
-        need = next(k for k in range(2, 50) if min_p_value(k, k) < P_THRESHOLD)
+    half = (ci_high - ci_low) / 2 / ratio
+    tight = half <= TIGHT
+    if min_p >= alpha:
+        need = next(k for k in range(2, 50) if min_p_value(k, k) < alpha)
         timing, why = "inconclusive", (f"n={n_a} vs {n_b} is too small: the smallest possible p is {min_p:.3f} "
-                                       f">= {P_THRESHOLD}; take at least {need} samples per side")
-    elif p_faster < P_THRESHOLD and ratio >= band[1] and ci_low > 1:
-        timing, why = "faster", f"p={p_faster:.2g} < {P_THRESHOLD}, ratio {ratio:.3f} >= {band[1]:.2f}, {ci} above 1"
-    elif p_slower < P_THRESHOLD and ratio <= band[0] and ci_high < 1:
-        timing, why = "slower", f"p={p_slower:.2g} < {P_THRESHOLD}, ratio {ratio:.3f} <= {band[0]:.3f}, {ci} below 1"
+                                       f">= {alpha}; take at least {need} samples per side")
+    elif p_faster < alpha and ratio >= band[1] and ci_low > 1:
+        timing, why = "faster", f"p={p_faster:.2g} < {alpha}, ratio {ratio:.3f} >= {band[1]:.2f}, {ci} above 1"
+    elif p_slower < alpha and ratio <= band[0] and ci_high < 1:
+        timing, why = "slower", f"p={p_slower:.2g} < {alpha}, ratio {ratio:.3f} <= {band[0]:.3f}, {ci} below 1"
     elif band[0] <= ci_low and ci_high <= band[1]:
         timing, why = "no-difference", f"{ci} inside the equivalence band [{band[0]:.3f}, {band[1]:.3f}]"
+    elif tight and band[0] <= ratio <= band[1]:
+        timing, why = "no-difference", (f"{ci} is tight (half-width {half:.1%} <= {TIGHT:.0%}) and the ratio "
+                                        f"{ratio:.3f} lies inside the +-{magnitude:.0%} band")
+    elif tight and min(p_faster, p_slower) < alpha:  # beyond the band, significant, yet the CI touches 1
+        timing = "faster" if p_faster < alpha else "slower"
+        why = (f"{ci} is tight (half-width {half:.1%} <= {TIGHT:.0%}), p={min(p_faster, p_slower):.2g} < {alpha}, "
+               f"ratio {ratio:.3f} beyond the band")
     else:
         width = (ci_high - ci_low) / ratio
         timing, why = "inconclusive", (f"{ci} (width {width:.1%} of the ratio) is neither inside the "
@@ -144,7 +160,7 @@ def compare(baseline: Sequence[float], candidate: Sequence[float], *, claimed: f
                       n=min(len(a), len(b)), threshold=magnitude, claimed=claimed, reason=reason,
                       evidence=evidence.to_dict() if evidence is not None else None, timing_verdict=timing,
                       thresholds={"p": P_THRESHOLD, "magnitude": magnitude, "ci_level": CI_LEVEL,
-                                  "n_boot": n_boot})
+                                  "tight_half_width": TIGHT, "n_boot": n_boot})
 
 
 # --- calibration of the rule (tests, the regression notebook, the closing numbers) -------------

@@ -1,0 +1,1 @@
+"""Worked examples of validating your own optimization with fluxlab (see examples/README.md)."""
