@@ -71,16 +71,20 @@ def flux_train_flops(res: int, txt: int = 512, batch: int = 1) -> dict:
     return {"forward": lin + attn, "step": lin + attn + lin + 2.5 * attn}
 
 
-def sdpa_pattern(backend: str) -> str:
-    """One anchored pattern that fully matches any CUDA kernel of an SDPA backend.
+def sdpa_pattern(backend: str, cuda: bool = True) -> str:
+    """One anchored pattern for an SDPA backend: on the GPU it fully matches any of the backend's
+    CUDA kernels, on the CPU its aten op.
 
     ATTENTION_KERNELS lists several kernel names per backend (a fused kernel, its helpers) and
     the backend's aten op (a CPU event); any one of the kernels shows the backend ran on the GPU.
+    The op alone is no proof on the GPU (CUDA graph replays have no ops).
     """
     from fluxlab import bench
 
-    kernels = [p for p in bench.ATTENTION_KERNELS[backend] if not p.startswith("aten::")]
-    return "|".join(f"(?:{p})" for p in kernels)
+    pats = [p for p in bench.ATTENTION_KERNELS[backend] if p.startswith("aten::") != cuda]
+    if not pats:
+        raise ValueError(f"ATTENTION_KERNELS[{backend!r}] has no {'CUDA kernel' if cuda else 'aten op'} pattern")
+    return "|".join(f"(?:{p})" for p in pats)
 
 
 def classify(name: str) -> str:
