@@ -155,15 +155,16 @@ def main(argv=None) -> int:
               "warm_disk": bench.Expect(counters=hits, still=misses, read=variants["warm_disk"].stats)}
     m = bench.run(variants, repeats=args.repeats, warmup=args.warmup, device=device,
                   clock="events" if device.type == "cuda" else "wall", expect=expect)
-    samples = m.samples
+    samples, timing = m.samples, {"clock": m.clock, "calls_per_sample": m.calls_per_sample}
     evidence = {k: e.to_dict() for k, e in m.evidence.items()}
 
-    cmp = bench.compare(samples["cold"], samples["warm"], evidence=m.evidence["warm"])  # ratio = median cold / median warm
+    # ratio = median cold / median warm
+    cmp = bench.compare(samples["cold"], samples["warm"], evidence=m.evidence["warm"])
     params = {"preset": args.preset, "batch": args.batch, "res": args.res, "max_seq": args.max_seq,
               "rank": args.rank, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed}
     fields = cmp.record_fields()
     fields["metrics"] = {**{f"median_{k}_ms": sorted(v)[len(v) // 2] for k, v in samples.items()},
-                         "evidence_by_variant": evidence, "timing": m.to_dict(), **fields["metrics"]}
+                         "evidence_by_variant": evidence, "timing": timing, **fields["metrics"]}
     out = Path(args.out)
     rec = store.record("caches_cold_vs_warm_step", **fields, samples=samples, params=params, device=device,
                        store=work / "bench.db", display=False)

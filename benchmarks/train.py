@@ -248,10 +248,10 @@ def run_variant(name: str, a) -> dict:
         if e.device_type.name == "CUDA":
             split[classify(e.name)] += e.time_range.elapsed_us() / 1e3 / 2    # ms per step
             names.add(e.name)
-    samples = m.samples[name]
+    samples, timing = m.samples[name], {"clock": m.clock, "calls_per_sample": m.calls_per_sample}
     return {"variant": name, "samples_ms": samples, "median_ms": statistics.median(samples),
             "peak_gib": peak / 2**30, "losses": [float(x) for x in losses], "warmup_s": warmup_s,
-            "profile_ms": split, "evidence": m.evidence[name].to_dict(), "timing": m.to_dict(),
+            "profile_ms": split, "evidence": m.evidence[name].to_dict(), "timing": timing,
             "attention_backends_seen": sorted(bench.attention_backends(names)), **info}
 
 
