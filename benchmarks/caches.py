@@ -73,6 +73,10 @@ class CacheVariant:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.res < 64 or args.res % 16 or args.repeats < 2 or args.warmup < 0 or args.batch < 1:
+        print(f"benchmarks/caches.py: need --res a multiple of 16 and >= 64, --repeats >= 2, --warmup >= 0, "
+              f"--batch >= 1 (got {args.res}, {args.repeats}, {args.warmup}, {args.batch})", file=sys.stderr)
+        return 2
     import torch
     from diffusers import FluxPipeline
     from diffusers.utils import logging as dlog
