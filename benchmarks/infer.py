@@ -305,6 +305,7 @@ def generation_latency(sessions: dict, gens: int, expect: dict, device, warmup: 
                                        [t.total_s for t in times[:warmup]])
     return reports, {k: e.to_dict() for k, e in m.evidence.items()}
 
+
 def worker_generate(args) -> dict:
     import torch
     from diffusers import FluxPipeline

@@ -261,3 +261,29 @@ def test_infer_generate_is_judged_against_stock_compile_and_leaks_by_the_slope_r
     recs, _ = infer.records_for("generate", _generate_data([i * 10 * MiB for i in range(10)]), _infer_args(),
                                 tmp_path / "b.db")
     assert {r["benchmark"]: r for r in recs}["inference/leak"]["verdict"] == "leak"
+
+
+# --- ddp: the weak-scaling record is judged with the N-GPU run's evidence ------------------------
+def test_ddp_record_needs_the_all_reduce_seen_and_keeps_protected_fields(tmp_path):
+    import dataclasses
+
+    from benchmarks import ddp, train
+
+    expect = train.variant_expect("fluxlab_eager", compiled=False, n_attention=57)
+    expect = dataclasses.replace(expect, kernels=(*expect.kernels, *ddp.DDP_PATTERNS))
+    device = {"device": "cuda", "device_name": "NVIDIA H200", "cuda": "13.0"}
+
+    def run(names, seed):
+        ev = bench.Evidence.check(expect, deltas={"attention.cudnn": 57 * 12}, calls=12, names=names, profiled=True)
+        return {"samples_ms": _timings(700, seed=seed), "evidence": ev.to_dict(), "device": device}
+
+    single = run([CUDNN_FWD], 0)
+    ok = ddp.write_record(single, run([CUDNN_FWD, "DistributedDataParallel.forward", "nccl:all_reduce"], 1), 2,
+                          {"gpus": 2}, tmp_path / "d.db")
+    assert ok["metrics"]["evidence"]["ran"] and ok["device_name"] == "NVIDIA H200" and ok["git_commit"]
+    assert ok["verdict"] in ("no-difference", "inconclusive", "faster", "slower")
+    assert ok["metrics"]["scaling"] == pytest.approx(2 * ok["ratio"])
+    # the step ran but nothing was all-reduced: not a DDP measurement
+    alone = ddp.write_record(single, run([CUDNN_FWD, "DistributedDataParallel.forward"], 2), 2, {"gpus": 2},
+                             tmp_path / "d.db")
+    assert alone["verdict"] == "did-not-run" and "nccl" in alone["metrics"]["reason"]
