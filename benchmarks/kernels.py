@@ -1,6 +1,6 @@
 """Time the fluxlab kernels at FLUX shapes against eager PyTorch and torch.compile of the same reference.
 
-    python -m benchmarks.kernels --out DIR [--sizes 1024 512] [--families rope adaln ...] [--repeats 40]
+    python -m benchmarks.kernels --out DIR [--sizes 1024 512] [--families rope adaln ...] [--repeats 100]
 
 GPU (a CPU run under TRITON_INTERPRET=1 works for tiny shapes, but says nothing about speed). For
 each (family, shape, pass in {fwd, fwd+bwd}, impl in {eager, compiled, fluxlab}) one JSON line goes
@@ -246,7 +246,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, type=Path, help="directory for kernels.jsonl")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024, 512], help="image side in pixels")
     ap.add_argument("--families", nargs="+", default=list(CASES), help=f"any of {', '.join(CASES)}")
-    ap.add_argument("--repeats", type=int, default=40, help="timed samples per impl (each a block of calls)")
+    ap.add_argument("--repeats", type=int, default=100, help="timed samples per impl (each a block of calls)")
     ap.add_argument("--block-ms", type=float, default=1.0, help="a sample times calls for at least this long (ms)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

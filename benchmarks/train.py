@@ -109,7 +109,8 @@ def train_config(name: str, a):
                              "lora_alpha": float(a.rank), "target_modules": LORA_TARGETS, "learning_rate": 1e-4,
                              "max_grad_norm": 0.0, "lr_scheduler": "constant", "lr_warmup_steps": 0,
                              "max_sequence_length": 512, "seed": 0, "steps": a.warmup + a.steps + 8,
-                             "log_every": 10**6, "progress": False, **overrides})
+                             "log_every": 10**6, "progress": False, "device": getattr(a, "device", "cuda"),
+                             **overrides})
 
 
 def variant_expect(name: str, *, compiled: bool, n_attention: int, patched: dict | None = None):
@@ -155,14 +156,19 @@ def run_variant(name: str, a) -> dict:
         import torch._functorch.config as functorch_config
 
         functorch_config.activation_memory_budget = BUDGET[name]
-    lat = a.res // 8
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"        # the CPU runs the same code on tiny shapes: a smoke, not a measurement
+    dtype = torch.bfloat16 if cuda else torch.float32               # as the trainer: fp32 on the CPU
+    shape = models.PRESETS.get(a.preset, models.PRESETS["flux1-dev"])
+    lat, ch = a.res // 8, shape["in_channels"] // 4
+    pin = (lambda t: t.pin_memory()) if cuda else (lambda t: t)  # noqa: E731
 
     def micro_batch(j):                                  # the trainer's batch format, on the CPU
         g = torch.Generator("cpu").manual_seed(1000 + j)
-        return {"mean": torch.randn(a.batch, 16, lat, lat, generator=g).pin_memory(),        # [B, 16, h, w]
-                "logvar": torch.full((a.batch, 16, lat, lat), -4.0).pin_memory(),
-                "prompt_embeds": torch.randn(a.batch, 512, 4096, generator=g).pin_memory(),   # [B, 512, 4096]
-                "pooled": torch.randn(a.batch, 768, generator=g).pin_memory()}                 # [B, 768]
+        return {"mean": pin(torch.randn(a.batch, ch, lat, lat, generator=g)),                          # [B, 16, h, w]
+                "logvar": pin(torch.full((a.batch, ch, lat, lat), -4.0)),
+                "prompt_embeds": pin(torch.randn(a.batch, 512, shape["joint_attention_dim"], generator=g)),  # [B, 512, 4096]
+                "pooled": pin(torch.randn(a.batch, shape["pooled_projection_dim"], generator=g))}            # [B, 768]
 
     # warm-up + timed + 1 profiled (evidence) + 2 profiled (split) steps
     batches = [micro_batch(j) for j in range(a.warmup + a.steps + 3)]
@@ -174,7 +180,7 @@ def run_variant(name: str, a) -> dict:
         from peft import LoraConfig
 
         backend, compile_, ckpt = STOCK[name]
-        model = models.build_transformer(a.preset, "cuda", torch.bfloat16)
+        model = models.build_transformer(a.preset, dev, dtype)
         model.requires_grad_(False)
         model.add_adapter(LoraConfig(r=a.rank, lora_alpha=a.rank, init_lora_weights="gaussian",
                                      target_modules=LORA_TARGETS))
@@ -188,8 +194,8 @@ def run_variant(name: str, a) -> dict:
         opt = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
         scheduler = FlowMatchEulerDiscreteScheduler(**models.FLUX_DEV_SCHEDULER)
-        img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, lat // 2, lat // 2, "cuda", torch.bfloat16)
-        txt_ids = torch.zeros(512, 3, device="cuda", dtype=torch.bfloat16)
+        img_ids = FluxPipeline._prepare_latent_image_ids(a.batch, lat // 2, lat // 2, dev, dtype)
+        txt_ids = torch.zeros(512, 3, device=dev, dtype=dtype)
         sdp = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[backend]
         expect = variant_expect(name, compiled=compile_, n_attention=0)
 
@@ -197,12 +203,12 @@ def run_variant(name: str, a) -> dict:
             mb = batches[j]
             x0, noise, u = draw_step_inputs(mb["mean"], mb["logvar"], step_generator(0, j, 0, 0), cfg,
                                             models.FLUX_VAE_SHIFT, models.FLUX_VAE_SCALE)
-            to_gpu = lambda t: t.to("cuda", torch.bfloat16, non_blocking=True)  # noqa: E731
+            to_dev = lambda t: t.to(dev, dtype, non_blocking=True)  # noqa: E731
             # Backward stays inside the backend context: checkpointing recomputes the forward there.
             with sdpa_kernel([sdp]):
-                with torch.autocast("cuda", dtype=torch.bfloat16):
-                    loss = flow_matching_loss(model, to_gpu(x0), to_gpu(mb["prompt_embeds"]), to_gpu(mb["pooled"]),
-                                              to_gpu(noise), u, scheduler, img_ids=img_ids, txt_ids=txt_ids)
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cuda):
+                    loss = flow_matching_loss(model, to_dev(x0), to_dev(mb["prompt_embeds"]), to_dev(mb["pooled"]),
+                                              to_dev(noise), u, scheduler, img_ids=img_ids, txt_ids=txt_ids)
                 loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -228,20 +234,23 @@ def run_variant(name: str, a) -> dict:
     for _ in range(a.warmup):
         t0 = time.perf_counter()
         step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         warmup_s.append(time.perf_counter() - t0)
-    torch.cuda.reset_peak_memory_stats()
-    m = bench.run({name: step}, repeats=a.steps, warmup=0, device="cuda", clock="events",
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    m = bench.run({name: step}, repeats=a.steps, warmup=0, device=dev, clock="events" if cuda else "wall",
                   expect={name: expect}, profile_iters=1)
-    peak = torch.cuda.max_memory_allocated()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
 
-    # Where the time goes: two more steps under the profiler (kernel time per step).
+    # Where the time goes: two more steps under the profiler (CUDA kernel time per step).
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(2):
             step()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     split = {"attention": 0.0, "gemm": 0.0, "other": 0.0}
     names = set()
     for e in prof.events():
@@ -250,7 +259,7 @@ def run_variant(name: str, a) -> dict:
             names.add(e.name)
     samples, timing = m.samples[name], {"clock": m.clock, "calls_per_sample": m.calls_per_sample}
     return {"variant": name, "samples_ms": samples, "median_ms": statistics.median(samples),
-            "peak_gib": peak / 2**30, "losses": [float(x) for x in losses], "warmup_s": warmup_s,
+            "peak_gib": peak, "losses": [float(x) for x in losses], "warmup_s": warmup_s,
             "profile_ms": split, "evidence": m.evidence[name].to_dict(), "timing": timing,
             "attention_backends_seen": sorted(bench.attention_backends(names)), **info}
 
@@ -263,6 +272,7 @@ def add_step_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--steps", type=int, default=12, help="timed steps (after warm-up), at least 2")
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu runs the code path on tiny shapes (a smoke test)")
 
 
 # --- parent: all variants, then records -------------------------------------------------------------
@@ -325,14 +335,15 @@ def main(argv=None) -> int:
 
     from fluxlab import bench, store
 
-    ceil = bench.measure_ceilings("cuda")
-    torch.cuda.empty_cache()
+    ceil = bench.measure_ceilings(a.device)   # None on the CPU
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
     flops = flux_train_flops(a.res, batch=a.batch)["step"]
     results = {}
     for name in a.variants.split(","):
         t0 = time.time()
         cmd = [sys.executable, "-m", "benchmarks.train", "--child", name] + [f"--{k}={getattr(a, k)}" for k in
-                                                              ("preset", "res", "batch", "rank", "steps", "warmup")]
+                                                              ("preset", "res", "batch", "rank", "steps", "warmup", "device")]
         p = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True,
                            timeout=420 if a.res >= 1024 else 300)   # compile warm-up included
         res = next((json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")), None)
@@ -361,7 +372,8 @@ def _row(res: dict, flops: float) -> str:
     ms = res["median_ms"]
     p = res["profile_ms"]
     ev = res["evidence"]
-    return (f"{res['variant']:18s} {ms:8.1f} ms  peak {res['peak_gib']:5.1f} GiB  "
+    peak = "-" if res["peak_gib"] is None else f"{res['peak_gib']:5.1f}"
+    return (f"{res['variant']:18s} {ms:8.1f} ms  peak {peak} GiB  "
             f"{flops / (ms / 1e3) / 1e12:6.1f} TFLOP/s  attn {p['attention']:.0f} gemm {p['gemm']:.0f} "
             f"other {p['other']:.0f} ms  backends {res.get('attention_backends_seen')}  "
             f"evidence {'ran' if ev['ran'] else 'NOT RUN: ' + ev['reason'][:200]}  "

@@ -100,6 +100,27 @@ def test_train_records_judge_each_variant_with_its_timed_loop_evidence(tmp_path)
     assert stored.keys() == recs.keys() and stored["train_step/fluxlab_fast/vs_stock_eager"]["git_commit"]
 
 
+def test_train_variant_child_runs_on_the_cpu_and_its_result_feeds_the_records(home, tmp_path):
+    """The child's code path on the tiny preset: one timed step through bench.run, its evidence, the
+    split profile. On the CPU cuDNN cannot run, so the evidence must say so, and the record too."""
+    import argparse
+
+    from benchmarks import train
+
+    ap = argparse.ArgumentParser()
+    train.add_step_args(ap)
+    a = ap.parse_args(["--preset", "tiny", "--res", "64", "--steps", "2", "--warmup", "0", "--device", "cpu"])
+    res = json.loads(json.dumps(train.run_variant("fluxlab_eager", a)))  # what the parent reads back
+    assert len(res["samples_ms"]) == 2 and len(res["losses"]) == 2 + 3  # timed + profiled evidence + split
+    ev = res["evidence"]
+    assert ev["checked"] == "timed-loop" and ev["calls"] == 2 and not ev["ran"]
+    assert "attention.cudnn moved 0x" in ev["reason"] and "cudnn needs a CUDA device" in ev["reason"]
+    stock = _variant("stock_eager", _timings(2 * res["median_ms"]), _train_evidence("stock_eager", names=[FLASH_FWD]))
+    recs = train.write_records({"stock_eager": stock, "fluxlab_eager": res}, flops=1e9, ceil=None,
+                               params={"preset": "tiny"}, db=tmp_path / "t.db")
+    assert {r["benchmark"]: r["verdict"] for r in recs}["train_step/fluxlab_eager/vs_stock_eager"] == "did-not-run"
+
+
 def test_train_expectations_name_the_claimed_backend_and_patched_families():
     from benchmarks import train
 
