@@ -12,10 +12,12 @@ training step of the transformer (forward, flow-matching loss, backward, AdamW s
 * warm: cache objects primed once and reused, so every look-up hits in memory; `warm_disk` uses
   new objects over the primed folder each sample (hits read from disk, as a new process would).
 
-The three are interleaved sample by sample (cold, warm, warm_disk, cold, ...) so drift in the
-machine's load hits all of them alike. Times are perf_counter after warm-up: CPU numbers describe
-the workbench's own speed, never a GPU claim. One JSON line (raw samples + provenance) is
-appended to --out.
+The three are interleaved sample by sample (cold, warm, warm_disk, cold, ...) by
+`fluxlab.bench.run`, so drift in the machine's load hits all of them alike; CPU numbers describe
+the workbench's own speed, never a GPU claim. The caches' own counters are the evidence, read
+around every timed step: a warm step must hit on every look-up and miss on none, a cold one must
+miss on every distinct image and caption. The cold/warm verdict is judged with the warm
+evidence. One store record (raw samples, evidence, provenance) is appended to --out as a line.
 """
 
 from __future__ import annotations
@@ -25,9 +27,8 @@ import hashlib
 import json
 import os
 import sys
+import itertools
 import tempfile
-import time
-import uuid
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -48,8 +49,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+class CacheVariant:
+    """One timed variant: each call runs the step on the next cache set from `sets`. Its counters
+    (`stats`) sum the look-ups of every cache object it has used, so a fresh set per call and
+    one reused set are read alike, before and after each timed call."""
+
+    def __init__(self, step, sets):
+        self.step, self.sets, self.used = step, sets, {}
+
+    def __call__(self) -> None:
+        caches = next(self.sets)
+        self.used[id(caches)] = caches
+        self.step(*caches)
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for caches in self.used.values():
+            for kind, cache in zip(("latent", "text", "position"), caches):
+                for key in ("hits", "misses"):
+                    out[f"{kind}.{key}"] = out.get(f"{kind}.{key}", 0) + cache.stats()[key]
+        return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.res < 64 or args.res % 16 or args.repeats < 2 or args.warmup < 0 or args.batch < 1:
+        print(f"benchmarks/caches.py: need --res a multiple of 16 and >= 64, --repeats >= 2, --warmup >= 0, "
+              f"--batch >= 1 (got {args.res}, {args.repeats}, {args.warmup}, {args.batch})", file=sys.stderr)
+        return 2
     import torch
     from diffusers import FluxPipeline
     from diffusers.utils import logging as dlog
@@ -76,8 +103,7 @@ def main(argv=None) -> int:
     shas = [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p, _ in ds.records]
     gen = torch.Generator("cpu").manual_seed(args.seed)
 
-    def step(latents: LatentCache, texts: TextEmbeddingCache, positions: PositionIdCache) -> float:
-        t0 = time.perf_counter()
+    def step(latents: LatentCache, texts: TextEmbeddingCache, positions: PositionIdCache) -> None:
         # --- prepare the batch (what the caches speed up) ---
         x0, embeds, pooled = [], [], []
         for i in range(len(ds)):
@@ -102,66 +128,58 @@ def main(argv=None) -> int:
         torch.nn.functional.mse_loss(pred, target).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - t0) * 1e3
 
     def fresh(folder):
         return (LatentCache(folder, pipe.vae), TextEmbeddingCache(folder, pipe, args.max_seq),
                 PositionIdCache())
 
-    def cold() -> float:
-        with tempfile.TemporaryDirectory(dir=work) as d:
-            caches = fresh(d)
-            ms = step(*caches)
-            assert all(c.stats()["hits"] == 0 for c in caches), "a cold step must miss everywhere"
-            return ms
-
+    # Cache objects are built before timing (their construction hashes the VAE and encoders), one
+    # set per call for the variants that start fresh: a timed call is the step alone.
+    calls = args.warmup + args.repeats
+    cold_sets = [fresh(tempfile.mkdtemp(dir=work)) for _ in range(calls)]
     warm_dir = work / "warm"
     warm = fresh(warm_dir)
     step(*warm)  # prime: fills the folder and the in-memory layers
-
-    def warm_mem() -> float:
-        for c in warm:
-            c.reset_stats()
-        ms = step(*warm)
-        assert all(c.stats()["misses"] == 0 for c in warm), "a warm step must hit everywhere"
-        return ms
-
-    def warm_disk() -> float:
-        caches = fresh(warm_dir)
+    for c in warm:
+        c.reset_stats()
+    disk_sets = [fresh(warm_dir) for _ in range(calls)]
+    for caches in disk_sets:
         caches[2].precompute([ds.bucket_of(0)], args.max_seq, device, torch.float32)
-        ms = step(*caches)
-        assert caches[0].stats()["misses"] == caches[1].stats()["misses"] == 0
-        return ms
+    variants = {"cold": CacheVariant(step, iter(cold_sets)), "warm": CacheVariant(step, itertools.repeat(warm)),
+                "warm_disk": CacheVariant(step, iter(disk_sets))}
+    n_img, n_txt = len(set(shas)), len({caption for _, caption in ds.records})
+    look = {"latent": len(ds), "text": len(ds), "position": 1}   # look-ups per step
+    # cold: every distinct image and caption misses (encoded and written); warm: every look-up hits
+    # in memory; warm_disk: every look-up hits (read from disk), nothing is recomputed.
+    hits = {f"{k}.hits": n for k, n in look.items()}
+    misses = tuple(f"{k}.misses" for k in look)
+    expect = {"cold": bench.Expect(counters={"latent.misses": n_img, "text.misses": n_txt, "position.misses": 1},
+                                   read=variants["cold"].stats),
+              "warm": bench.Expect(counters=hits, still=misses, read=variants["warm"].stats),
+              "warm_disk": bench.Expect(counters=hits, still=misses, read=variants["warm_disk"].stats)}
+    m = bench.run(variants, repeats=args.repeats, warmup=args.warmup, device=device,
+                  clock="events" if device.type == "cuda" else "wall", expect=expect)
+    samples, timing = m.samples, {"clock": m.clock, "calls_per_sample": m.calls_per_sample}
+    evidence = {k: e.to_dict() for k, e in m.evidence.items()}
 
-    runs = {"cold": cold, "warm": warm_mem, "warm_disk": warm_disk}
-    samples: dict[str, list[float]] = {k: [] for k in runs}
-    for i in range(args.warmup + args.repeats):
-        for name, fn in runs.items():
-            ms = fn()
-            if i >= args.warmup:
-                samples[name].append(ms)
-
-    cmp = bench.compare(samples["cold"], samples["warm"])  # ratio = median cold / median warm
+    # ratio = median cold / median warm
+    cmp = bench.compare(samples["cold"], samples["warm"], evidence=m.evidence["warm"])
     params = {"preset": args.preset, "batch": args.batch, "res": args.res, "max_seq": args.max_seq,
               "rank": args.rank, "repeats": args.repeats, "warmup": args.warmup, "seed": args.seed}
-    rec = store.provenance(params=params)
-    rec.update({
-        "id": uuid.uuid4().hex, "benchmark": "caches_cold_vs_warm_step", "device": str(device),
-        "params": params, "verdict": cmp.verdict, "ratio": cmp.ratio, "ci_low": cmp.ci_low, "ci_high": cmp.ci_high,
-        "samples": samples, "samples_cold_ms": samples["cold"], "samples_warm_ms": samples["warm"],
-        "samples_warm_disk_ms": samples["warm_disk"],
-        "metrics": {f"median_{k}_ms": sorted(v)[len(v) // 2] for k, v in samples.items()} | {"cv": cmp.cv},
-    })
+    fields = cmp.record_fields()
+    fields["metrics"] = {**{f"median_{k}_ms": sorted(v)[len(v) // 2] for k, v in samples.items()},
+                         "evidence_by_variant": evidence, "timing": timing, **fields["metrics"]}
     out = Path(args.out)
+    rec = store.record("caches_cold_vs_warm_step", **fields, samples=samples, params=params, device=device,
+                       store=work / "bench.db", display=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a") as f:  # one whole line per run; JSON-lines readers skip nothing partial
-        f.write(json.dumps(rec, default=str) + "\n")
+        f.write(json.dumps(rec) + "\n")
     med = rec["metrics"]
     print(f"cold {med['median_cold_ms']:.1f} ms, warm {med['median_warm_ms']:.1f} ms "
           f"(from disk {med['median_warm_disk_ms']:.1f} ms): cold/warm = {cmp.ratio:.2f} "
-          f"[95% CI {cmp.ci_low:.2f}-{cmp.ci_high:.2f}], {cmp.verdict}; record appended to {out}")
+          f"[95% CI {cmp.ci_low:.2f}-{cmp.ci_high:.2f}], {rec['verdict']}; evidence: {cmp.reason[:160]}; "
+          f"record appended to {out}")
     import shutil
 
     shutil.rmtree(work, ignore_errors=True)

@@ -12,24 +12,12 @@ import torch
 
 
 def ceilings() -> dict:
-    """bf16 GEMM rate (8192^3, random data) and device-to-device copy bandwidth (read + write)."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    src = torch.randn(2 * 1024**3 // 4, device="cuda")  # 2 GiB of fp32
-    dst = torch.empty_like(src)
+    """bf16 GEMM rate (8192^3, random data) and device-to-device copy bandwidth (read + write),
+    measured by fluxlab's one timer (`bench.measure_ceilings`)."""
+    from fluxlab import bench
 
-    def timed(fn, n):
-        for _ in range(3):
-            fn()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        times = []
-        for _ in range(n):
-            start.record(); fn(); end.record(); torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        return sorted(times)[len(times) // 2]
-
-    t_mm = timed(lambda: a @ b, 20)
-    t_cp = timed(lambda: dst.copy_(src), 20)
-    return {"bf16_gemm_tflops": 2 * 8192**3 / t_mm / 1e12, "copy_tb_s": 2 * src.numel() * 4 / t_cp / 1e12}
+    c = bench.measure_ceilings("cuda")
+    return {"bf16_gemm_tflops": c["tflops"], "copy_tb_s": c["tbps"]}
 
 
 def main():

@@ -6,15 +6,22 @@
 
 Parts, each in its own subprocess (a CUDA fault or OOM kills one part, not the run):
   forward   transformer forward at RES, batch 1: stock eager (default SDPA backend), stock regional
-            compile, fluxlab's fastest (fused QKV + fluxlab kernels if present + regional compile),
-            interleaved ABC in one process (variants share one copy of the weights), median of
-            --repeats forwards timed with CUDA events. Losslessness: each variant's output on fixed
-            inputs against an fp32 reference of the same weights (fp64 on the CPU), next to stock
-            bf16's own error; "lossless" = no worse than 2x stock's error (DESIGN.md section 3).
-  generate  the full --steps generation at RES, stock vs fluxlab interleaved per seed: latency
-            percentiles, per-stage split; then on the fluxlab session the VRAM stages (measured
-            first, from an empty process), the --leak-n generation leak verdict, and determinism.
-  quant     NF4 (and --quant int8) transformer vs bf16: weight memory, forward speed, output error.
+            compile, fluxlab's fastest (fused QKV + cuDNN attention + regional compile), interleaved
+            ABC in one process by `fluxlab.bench.run` (variants share one copy of the weights),
+            --repeats forwards each timed with CUDA events. Each variant's evidence is checked in
+            that loop (`forward_expect`): compiled variants must show dynamo's compiled regions;
+            on the GPU fluxlab variants must show cuDNN attention kernels (flash forbidden) and
+            stock ones some fused SDPA kernel, by anchored profiler patterns. Losslessness: each
+            variant's output on fixed inputs against an fp32 reference of the same weights (fp64 on
+            the CPU), next to stock bf16's own error; "lossless" = no worse than 2x stock's error.
+  generate  the full --steps generation at RES, stock eager, stock regional compile and fluxlab
+            interleaved per seed by `bench.run`: latency percentiles, per-stage split, fluxlab
+            judged against both stock sessions (compiled sessions must show compiled regions);
+            then on the fluxlab session the VRAM stages (measured first, from an empty process),
+            the --leak-n generation leak verdict (fluxlab.memory.leak_verdict: the slope rule),
+            and determinism.
+  quant     NF4 (and --quant int8) transformer vs bf16: weight memory, forward speed (evidence: every
+            quantized layer is called on every timed forward), output error.
 
 Writes OUT/infer.jsonl (store-export JSON lines, the format `fluxlab results import` reads),
 OUT/infer.db (the same records in a results store), OUT/raw_<part>.json, and prints a table last.
@@ -37,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MiB = 2**20
+# Dynamo's profiler label around every compiled frame it runs ("Torch-Compiled Region: 3/0").
+COMPILED_REGION = r"Torch-Compiled Region: \S+"
 PARTS = ("forward", "generate", "quant")
 TARGET_MS = 105.0  # issue 7: FLUX.1-dev forward at 1024², bf16, on the H200
 # Forward variants: what each applies on top of the stock model.
@@ -207,16 +216,17 @@ def worker_forward(args) -> dict:
             out["variants"][name] = {**info, "first_call_s": first, "output": y}
             print(f"[forward] {name}: first call {first:.1f}s", flush=True)
         names = list(fns)
-        # Evidence of which attention kernels each variant really ran (profiler names, GPU only).
-        if str(device).startswith("cuda"):
-            from fluxlab import attention
-
-            for name in names:
-                seen = attention.kernel_names(fns[name], inputs[0])
-                out["variants"][name]["attention_backends_seen"] = sorted(attention.classify_kernels(seen))
-        samples = bench.time_interleaved(fns, repeats=args["repeats"], warmup=2, device=device, inputs=inputs)
+        cuda = bench.is_cuda(device)
+        expect = {n: e for n in names if (e := forward_expect(n, cuda)) is not None}
+        m = bench.run(fns, repeats=args["repeats"], warmup=2, device=device, inputs=inputs,
+                      clock="events" if cuda else "wall", expect=expect, profile_iters=1)
+        out["timing"] = {"clock": m.clock}
         for name in names:
-            out["variants"][name]["samples_ms"] = samples[name]
+            v = out["variants"][name]
+            v["samples_ms"] = m.samples[name]
+            ev = m.evidence.get(name)
+            v["evidence"] = ev.to_dict() if ev is not None else None
+            v["attention_backends_seen"] = sorted(bench.attention_backends(ev.kernel_names)) if ev else None
     del models, fns
     torch._dynamo.reset()
     _free(device)
@@ -242,23 +252,66 @@ def worker_forward(args) -> dict:
     return out
 
 
-def _patched_families(report: dict) -> list[str]:
-    """Kernel families a PatchReport says it patched (tolerant of its exact shape)."""
-    from fluxlab.kernels._common import FAMILIES
+def forward_expect(name: str, cuda: bool):
+    """What a forward variant must show in its timed loop: compiled variants, dynamo's compiled
+    regions; on the GPU, fluxlab variants their pinned backend's attention kernels (flash
+    forbidden) and stock variants some fused SDPA kernel (which one is recorded, not required).
+    On the CPU a fluxlab variant must show its backend's aten op, which cuDNN never runs there:
+    the CPU smoke honestly reads did-not-run for it. None: nothing to check (stock eager, CPU)."""
+    from benchmarks.train import sdpa_pattern
+    from fluxlab import bench
 
-    fams = report.get("families") or report.get("patched") or {}
-    if isinstance(fams, dict):
-        return [f for f, n in fams.items() if n and f in FAMILIES]
-    return [f for f in fams if f in FAMILIES]
+    spec = VARIANTS[name]
+    kernels, forbid = [COMPILED_REGION] if spec.get("compile") else [], ()
+    if spec.get("attention"):
+        kernels.append(sdpa_pattern(spec["attention"], cuda=cuda))
+        forbid = tuple(bench.ATTENTION_KERNELS["flash"])
+    elif cuda:
+        kernels.append("|".join(f"(?:{sdpa_pattern(b)})" for b in ("cudnn", "flash", "efficient")))
+    return bench.Expect(kernels=tuple(kernels), forbid=forbid) if kernels else None
 
 
 # --- part: generate ----------------------------------------------------------------------------
+GEN_PROMPTS = ["a red circle on a white background", "a blue square above a green triangle",
+               "a photo of a cat sitting on a wooden table, soft morning light"]
+
+
+def generation_latency(sessions: dict, gens: int, expect: dict, device, warmup: int = 2) -> tuple[dict, dict]:
+    """Time `gens` generations per session, interleaved (ABC...) by `bench.run`, and check each
+    session's `Expect` in that loop. The i-th timed generation of every session uses seed 100 + i
+    and prompt i mod 3 (warm-up and profiled calls use the first ones). Returns LatencyReports
+    (seconds; stages from the session's own stage clock) and evidence dicts."""
+    from fluxlab import bench
+    from fluxlab.inference import STAGES, summarize_latency
+
+    stages = {k: [] for k in sessions}
+
+    def call(name):
+        session, calls = sessions[name], iter(range(10**9))
+
+        def generate():
+            j = next(calls)
+            i = j - warmup if warmup <= j < warmup + gens else j % max(warmup, 1)
+            stages[name].append(session.generate(GEN_PROMPTS[i % len(GEN_PROMPTS)], 100 + i)[1])
+        return generate
+
+    m = bench.run({k: call(k) for k in sessions}, repeats=gens, warmup=warmup, device=device,
+                  clock="events" if bench.is_cuda(device) else "wall", expect=expect, profile_iters=1)
+    reports = {}
+    for k, times in stages.items():
+        timed = times[warmup:warmup + gens]
+        reports[k] = summarize_latency([x / 1e3 for x in m.samples[k]],
+                                       {st: [getattr(t, f"{st}_s") for t in timed] for st in STAGES},
+                                       [t.total_s for t in times[:warmup]])
+    return reports, {k: e.to_dict() for k, e in m.evidence.items()}
+
+
 def worker_generate(args) -> dict:
     import torch
     from diffusers import FluxPipeline
 
-    from fluxlab.inference import (InferenceSession, kernels_available, latency_interleaved, report_dict,
-                                   shared_copy)
+    from fluxlab import bench
+    from fluxlab.inference import InferenceSession, kernels_available, report_dict, shared_copy
 
     device, dtype = args["device"], _dtype(args)
     common = dict(steps=args["steps"], size=args["res"], guidance=args["guidance"],
@@ -284,23 +337,29 @@ def worker_generate(args) -> dict:
                               compile_backend=args["compile_backend"], **common)
         stages = fl.vram_stages(budgets)
     print(f"[generate] vram stages (incl. first generation) {time.perf_counter() - t0:.1f}s", flush=True)
-    # Stock: a second pipeline sharing text encoders, VAE and transformer weights.
+    # Stock eager and stock regional compile (diffusers' recipe): pipelines sharing text encoders,
+    # VAE and transformer weights with the fluxlab session.
     sched = fl.pipe.scheduler  # schedulers keep per-call state: each pipeline gets its own
-    stock_pipe = FluxPipeline(**{**fl.pipe.components, "transformer": shared_copy(fl.pipe.transformer),
-                                 "scheduler": type(sched).from_config(sched.config)})
-    stock = InferenceSession(args["preset"], device, dtype, pipe=stock_pipe, **common)
-    prompts = ["a red circle on a white background", "a blue square above a green triangle",
-               "a photo of a cat sitting on a wooden table, soft morning light"]
-    seeds = list(range(100, 100 + args["gens"]))
-    lat = latency_interleaved({"stock": stock, "fluxlab": fl}, prompts, seeds, warmup=2)
-    a, _ = stock.generate(prompts[0], 7)
-    b, _ = fl.generate(prompts[0], 7)
+
+    def stock_session(compile_: bool) -> InferenceSession:
+        tr = shared_copy(fl.pipe.transformer)
+        if compile_:
+            tr.compile_repeated_blocks(fullgraph=True, backend=args["compile_backend"])
+        pipe = FluxPipeline(**{**fl.pipe.components, "transformer": tr,
+                               "scheduler": type(sched).from_config(sched.config)})
+        return InferenceSession(args["preset"], device, dtype, pipe=pipe, **common)
+
+    sessions = {"stock": stock_session(False), "stock-compile": stock_session(True), "fluxlab": fl}
+    expect = {"stock-compile": bench.Expect(kernels=(COMPILED_REGION,)), "fluxlab": bench.Expect(kernels=(COMPILED_REGION,))}
+    lat, evidence = generation_latency(sessions, args["gens"], expect, device)
+    a, _ = sessions["stock"].generate(GEN_PROMPTS[0], 7)
+    b, _ = fl.generate(GEN_PROMPTS[0], 7)
     image_diff = float((a.float() - b.float()).abs().max())
-    del a, b, stock, stock_pipe
+    del a, b, sessions
     _free(device)
     leak = fl.leak_test(n=args["leak_n"], budget_bytes=args["leak_budget_mib"] * MiB, warmup=1)
     det = fl.determinism(seed=0, other_seed=1)
-    return {"latency": {k: report_dict(v) for k, v in lat.items()}, "vram": report_dict(stages),
+    return {"latency": {k: report_dict(v) for k, v in lat.items()}, "evidence": evidence, "vram": report_dict(stages),
             "vram_checks_ok": stages.ok, "leak": report_dict(leak), "determinism": report_dict(det),
             "determinism_ok": det.ok, "image_max_abs_diff_vs_stock": image_diff, "session": fl.params(),
             "kernels_error": kernels_error, "compiled_blocks": fl.compiled_blocks,
@@ -329,7 +388,7 @@ def worker_quant(args) -> dict:
     fns = {"bf16": lambda inp: tr(**inp, return_dict=False)[0]}
     out = {"bf16": {"weights_bytes": sum(p.numel() * p.element_size() for p in tr.parameters())},
            "allocated_bf16_model": bf16_bytes}
-    models = {}
+    models, expect = {}, {}
     for mode in args["quant"]:
         before = _allocated(device)
         t0 = time.perf_counter()
@@ -342,6 +401,7 @@ def worker_quant(args) -> dict:
                      "weights_bytes": _allocated(device) - before + shared}
         models[mode] = q
         fns[mode] = (lambda m: lambda inp: m(**inp, return_dict=False)[0])(q)
+        expect[mode] = bench.Expect(counters={"quantized_linear": n}, read=_count_quantized_calls(q))
         print(f"[quant] {mode}: {n} layers in {out[mode]['quantize_s']:.1f}s", flush=True)
     with torch.inference_mode():
         ref = fns["bf16"](inputs[0]).float().cpu()
@@ -354,11 +414,28 @@ def worker_quant(args) -> dict:
             out.setdefault(name, {})["forward_peak_extra_bytes"] = torch.cuda.max_memory_allocated() - base
             out[name]["diff_vs_bf16"] = _errors(y.float().cpu(), ref)
             del y
-        samples = bench.time_interleaved(fns, repeats=max(5, args["repeats"] // 2), warmup=2, device=device,
-                                         inputs=inputs)
+        m = bench.run(fns, repeats=max(5, args["repeats"] // 2), warmup=2, device=device, inputs=inputs,
+                      clock="events", expect=expect)
     for name in fns:
-        out[name]["samples_ms"] = samples[name]
+        out[name]["samples_ms"] = m.samples[name]
+        out[name]["evidence"] = m.evidence[name].to_dict() if name in m.evidence else None
     return out
+
+
+def _count_quantized_calls(model):
+    """Count calls of the bitsandbytes layers in `model` (a forward pre-hook each, a few µs per
+    layer billed to the quantized variant) and return the counter's reader."""
+    import bitsandbytes as bnb
+
+    calls = {"quantized_linear": 0}
+
+    def hook(module, args):
+        calls["quantized_linear"] += 1
+
+    for mod in model.modules():
+        if isinstance(mod, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            mod.register_forward_pre_hook(hook)
+    return lambda: dict(calls)
 
 
 WORKERS = {"forward": worker_forward, "generate": worker_generate, "quant": worker_quant}
@@ -415,14 +492,13 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
         for name in names[1:]:
             cand = v[name]["samples_ms"]
             ev = v[name].get("evidence")
-            evidence = None
-            if ev is not None and ev.get("counters") is not None and _patched_families(v[name]["kernels"]):
-                evidence = bench.Evidence(**ev)
+            evidence = bench.Evidence(**ev) if ev else None  # none checked: faster/slower read unverified
             cmp = bench.compare(stock, cand, evidence=evidence)
             extra = {}
             if "stock-compile" in v and name != "stock-compile":
-                c2 = bench.compare(v["stock-compile"]["samples_ms"], cand)
-                extra = {"vs_stock_compile": {k: c2.to_dict()[k] for k in ("ratio", "ci_low", "ci_high", "verdict")}}
+                c2 = bench.compare(v["stock-compile"]["samples_ms"], cand, evidence=evidence)
+                extra = {"vs_stock_compile": {k: c2.to_dict()[k] for k in ("ratio", "ci_low", "ci_high", "verdict",
+                                                                           "reason")}}
             err = v[name].get("error_vs_ref")
             lossless = None
             if err and stock_err:
@@ -436,45 +512,65 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
                        "target_ms": TARGET_MS, "meets_target": med <= TARGET_MS,
                        "prediction": PREDICTIONS.get(name), "fused_attn": v[name]["fused_attn"],
                        "compiled_blocks": v[name]["compiled_blocks"], "kernels": v[name]["kernels"],
-                       "evidence": ev, "tokens": data["tokens"], "comparison": cmp.to_dict(), **extra}
-            records.append(rec(f"inference/forward/{name}", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
-                               ci_high=cmp.ci_high, samples={"baseline": stock, "candidate": cand}, metrics=metrics,
+                       "attention_backends_seen": v[name].get("attention_backends_seen"),
+                       "baseline_evidence": v[names[0]].get("evidence"), "timing": data.get("timing"),
+                       "tokens": data["tokens"], "comparison": cmp.to_dict(), **extra}
+            fields = cmp.record_fields()
+            fields["metrics"] = {**metrics, **fields["metrics"]}
+            records.append(rec(f"inference/forward/{name}", **fields, samples={"baseline": stock, "candidate": cand},
                                params={**base, "variant": name, "text_len": args["text_len"],
                                        "compile_backend": args["compile_backend"], "baseline": names[0]}))
             note = f"lossless={lossless}" + (f", vs compile x{extra['vs_stock_compile']['ratio']:.3f}" if extra else "")
             rows.append([f"forward {name}", f"{med:.1f} ms", f"{cmp.ratio:.3f} [{cmp.ci_low:.3f},{cmp.ci_high:.3f}]",
                          cmp.verdict, note])
     elif part == "generate":
-        lat = data["latency"]
-        s, f = lat["stock"], lat["fluxlab"]
-        cmp = bench.compare(s["samples_s"], f["samples_s"])
+        lat, ev = data["latency"], data.get("evidence") or {}
+        f = lat["fluxlab"]
+        evidence = bench.Evidence(**ev["fluxlab"]) if ev.get("fluxlab") else None
         gparams = {**base, "steps": args["steps"], "guidance": args["guidance"], "text_len": args["gen_text_len"],
                    "gens": args["gens"]}
         pct = lambda r: {k: v * 1e3 for k, v in r["percentiles_s"].items()}  # noqa: E731
-        records.append(rec("inference/generate", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
-                           ci_high=cmp.ci_high, samples={"baseline": s["samples_s"], "candidate": f["samples_s"]},
-                           metrics={"stock_ms": pct(s), "fluxlab_ms": pct(f), "stock": s, "fluxlab": f,
-                                    "image_max_abs_diff_vs_stock": data["image_max_abs_diff_vs_stock"],
-                                    "session": data["session"], "kernels": data["kernels"],
-                                    "kernels_error": data.get("kernels_error"),
-                                    "compiled_blocks": data.get("compiled_blocks")},
-                           params=gparams))
-        rows.append(["generate stock", f"p50 {pct(s)['p50']:.0f} ms", "1.000", "baseline",
-                     f"p99 {pct(s)['p99']:.0f} ms, outliers {len(s['outliers'])}"])
-        rows.append(["generate fluxlab", f"p50 {pct(f)['p50']:.0f} ms",
-                     f"{cmp.ratio:.3f} [{cmp.ci_low:.3f},{cmp.ci_high:.3f}]", cmp.verdict,
-                     f"p99 {pct(f)['p99']:.0f} ms, outliers {len(f['outliers'])}"])
+        # fluxlab against stock eager (the record issue 7 named) and against stock regional compile
+        # (how much of the gain is compile's own).
+        for base_name, bench_name in (("stock", "inference/generate"), ("stock-compile", "inference/generate/vs_stock_compile")):
+            if base_name not in lat:
+                continue
+            s = lat[base_name]
+            cmp = bench.compare(s["samples_s"], f["samples_s"], evidence=evidence)
+            fields = cmp.record_fields()
+            fields["metrics"] = {"stock_ms": pct(s), "fluxlab_ms": pct(f), "stock": s, "fluxlab": f, "baseline": base_name,
+                                 "baseline_evidence": ev.get(base_name),
+                                 "image_max_abs_diff_vs_stock": data["image_max_abs_diff_vs_stock"],
+                                 "session": data["session"], "kernels": data["kernels"],
+                                 "kernels_error": data.get("kernels_error"),
+                                 "compiled_blocks": data.get("compiled_blocks"), **fields["metrics"]}
+            records.append(rec(bench_name, **fields, samples={"baseline": s["samples_s"], "candidate": f["samples_s"]},
+                               params={**gparams, "baseline": base_name}))
+            rows.append([f"generate {base_name}", f"p50 {pct(s)['p50']:.0f} ms", "1.000", "baseline",
+                         f"p99 {pct(s)['p99']:.0f} ms, outliers {len(s['outliers'])}"])
+            rows.append([f"generate fluxlab vs {base_name}", f"p50 {pct(f)['p50']:.0f} ms",
+                         f"{cmp.ratio:.3f} [{cmp.ci_low:.3f},{cmp.ci_high:.3f}]", cmp.verdict,
+                         f"p99 {pct(f)['p99']:.0f} ms, outliers {len(f['outliers'])}"])
         vr = data["vram"]
         records.append(rec("inference/vram_stages", verdict="pass" if data["vram_checks_ok"] else "fail",
                            metrics=vr, params=gparams))
         st = {k: (v["value"] or 0) / 2**30 for k, v in vr["stages"].items()}
         rows.append(["vram stages", "", "", "pass" if data["vram_checks_ok"] else "fail",
                      " ".join(f"{k}={v:.2f}GiB" for k, v in st.items())])
-        lk = data["leak"]
-        records.append(rec("inference/leak", verdict=lk["verdict"], samples=lk["values"], metrics=lk,
+        lk = dict(data["leak"])
+        # The slope rule (fluxlab.memory), not last-minus-first: one noisy reading at either end
+        # must not make or hide a leak.
+        from fluxlab.memory import leak_verdict
+
+        lv = leak_verdict(lk["values"], warmup=0, horizon=len(lk["values"]), budget_bytes=lk["budget_bytes"])
+        verdict = "leak" if lv.leak else "pass"
+        growth_verdict = lk.pop("verdict", None)  # InferenceSession.leak_test's last-minus-first reading
+        metrics = {**lk, "slope": lv.to_dict(), "growth_verdict": growth_verdict,
+                   "rule": "leak when the slope's 99% CI excludes 0 and slope x n exceeds the budget "
+                           "(fluxlab.memory.leak_verdict)"}
+        records.append(rec("inference/leak", verdict=verdict, samples=lk["values"], metrics=metrics,
                            params={**gparams, "leak_n": args["leak_n"]}))
-        rows.append(["leak", "", "", lk["verdict"], f"growth {lk['growth_bytes'] / MiB:.2f} MiB over "
-                     f"{len(lk['values'])} gens (budget {lk['budget_bytes'] / MiB:.0f} MiB)"])
+        rows.append(["leak", "", "", verdict, f"{lv.reason}; last-first {lk['growth_bytes'] / MiB:.2f} MiB"])
         det = data["determinism"]
         records.append(rec("inference/determinism", verdict="pass" if data["determinism_ok"] else "fail",
                            metrics=det, params=gparams))
@@ -483,16 +579,18 @@ def records_for(part: str, data: dict, args: dict, db: Path) -> tuple[list[dict]
         bf = data["bf16"]
         for mode in args["quant"]:
             q = data[mode]
-            cmp = bench.compare(bf["samples_ms"], q["samples_ms"])
+            cmp = bench.compare(bf["samples_ms"], q["samples_ms"],
+                                evidence=bench.Evidence(**q["evidence"]) if q.get("evidence") else None)
             metrics = {"weights_bytes": q["weights_bytes"], "bf16_weights_bytes": bf["weights_bytes"],
                        "memory_ratio": q["weights_bytes"] / bf["weights_bytes"], "layers": q["layers"],
                        "quantize_s": q["quantize_s"], "forward_peak_extra_bytes": q["forward_peak_extra_bytes"],
                        "bf16_forward_peak_extra_bytes": bf["forward_peak_extra_bytes"],
                        "median_ms": _median(q["samples_ms"]), "bf16_median_ms": _median(bf["samples_ms"]),
                        "diff_vs_bf16": q["diff_vs_bf16"], "comparison": cmp.to_dict()}
-            records.append(rec(f"inference/{mode}", verdict=cmp.verdict, ratio=cmp.ratio, ci_low=cmp.ci_low,
-                               ci_high=cmp.ci_high, samples={"baseline": bf["samples_ms"], "candidate": q["samples_ms"]},
-                               metrics=metrics, params={**base, "quant": mode, "text_len": args["text_len"]}))
+            fields = cmp.record_fields()
+            fields["metrics"] = {**metrics, **fields["metrics"]}
+            records.append(rec(f"inference/{mode}", **fields, samples={"baseline": bf["samples_ms"], "candidate": q["samples_ms"]},
+                               params={**base, "quant": mode, "text_len": args["text_len"]}))
             rows.append([f"{mode} forward", f"{metrics['median_ms']:.1f} ms", f"{cmp.ratio:.3f}", cmp.verdict,
                          f"weights {q['weights_bytes'] / 2**30:.2f} vs {bf['weights_bytes'] / 2**30:.2f} GiB, "
                          f"rel err {q['diff_vs_bf16']['rel_l2']:.3g}"])
@@ -559,6 +657,10 @@ def main(argv=None) -> int:
         return 2
     if a.res % 16:
         print(f"infer.py: --res must be a multiple of 16, got {a.res}", file=sys.stderr)
+        return 2
+    if a.leak_n < 3 or a.repeats < 2 or a.gens < 2:
+        print(f"infer.py: --leak-n must be >= 3 (a slope needs 3 points), --repeats and --gens >= 2 "
+              f"(got {a.leak_n}, {a.repeats}, {a.gens})", file=sys.stderr)
         return 2
     args = {**vars(a), "device": device, "variants": variants, "quant": [q for q in a.quant.split(",") if q]}
     for k in ("worker", "result", "config", "out", "parts", "budget_s"):
