@@ -29,7 +29,7 @@ ATTENTION_KERNELS: dict[str, tuple[str, ...]] = {
     "flash": (r"void pytorch_flash::flash_\w+<.*>(\(.*\))?",
               r"void flash::\w+<.*>\(.*\)",
               r"aten::_scaled_dot_product_flash_attention(_backward)?"),
-    "efficient": (r"fmha_cutlass[FB]_\w+",
+    "efficient": (r"fmha_cutlass[FB]_\w+(\(.*\))?",
                   r"void (attention_kernel_batched_impl|attention_backward_kernel)<.*>\(.*\)",
                   r"aten::_scaled_dot_product_efficient_attention(_backward)?"),
     "math": (r"aten::_scaled_dot_product_attention_math",),
