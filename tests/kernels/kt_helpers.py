@@ -16,6 +16,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 # fp16 only on the GPU: the interpreter's cost per launch would grow the CPU suite by half for a dtype
 # whose code path (load, fp32 math, store) is bf16's.
 DTYPES = (torch.float32, torch.bfloat16, torch.float16) if CUDA else (torch.float32, torch.bfloat16)
+# Tile-boundary shapes on the CPU run in fp32 only: the masks do not depend on the dtype, and each
+# interpreted launch of a multi-block shape costs about a second.
+TILE_DTYPES = DTYPES if CUDA else (torch.float32,)
 # Fast vs the same-dtype reference in fp32, where both are accurate and differ only in operation
 # order. In bf16/fp16 the reference's own rounding (low-precision intermediates in its backward) can
 # exceed a few ulps, so those are judged only against the fp64 truth, as DESIGN.md asks.

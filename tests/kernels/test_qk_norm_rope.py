@@ -1,7 +1,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from kt_helpers import DTYPES, check_op, flux_tables, gpu_only, rand, rope_truth
+from kt_helpers import DTYPES, TILE_DTYPES, check_op, flux_tables, gpu_only, rand, rope_truth
 
 from fluxlab import kernels
 from fluxlab.kernels import qk_norm_rope as Q
@@ -61,7 +61,7 @@ def test_qk_norm_rope_matches_reference_and_fp64(shape, axes, dtype, joint):
 
 
 @pytest.mark.parametrize("joint", [True, False], ids=["text+image", "image"])
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
 @pytest.mark.parametrize("shape,axes", TILE_SHAPES)
 def test_qk_norm_rope_across_tile_boundaries(shape, axes, dtype, joint):
     B, S, Sc, H, D = shape

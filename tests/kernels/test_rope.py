@@ -1,7 +1,7 @@
 import pytest
 import torch
 from diffusers.models.embeddings import apply_rotary_emb
-from kt_helpers import DTYPES, check_op, flux_tables, gpu_only, rand, rope_truth
+from kt_helpers import DTYPES, TILE_DTYPES, check_op, flux_tables, gpu_only, rand, rope_truth
 
 from fluxlab import kernels
 from fluxlab.kernels import rope
@@ -27,7 +27,7 @@ def test_rope_matches_reference_and_fp64(shape, axes, dtype):
     assert kernels.fallbacks() == {}
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
 @pytest.mark.parametrize("shape,axes", TILE_SHAPES)
 def test_rope_across_tile_boundaries(shape, axes, dtype):
     cfg = rope.tile_config(*shape[1:])

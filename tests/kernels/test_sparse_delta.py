@@ -1,6 +1,6 @@
 import pytest
 import torch
-from kt_helpers import DEVICE, DTYPES, check_op, gpu_only, rand
+from kt_helpers import DEVICE, DTYPES, TILE_DTYPES, check_op, gpu_only, rand
 from tiny_model import batch, forward_backward, tiny
 
 from fluxlab import kernels
@@ -26,7 +26,7 @@ def test_sparse_linear_matches_reference_and_fp64(shape, density, dtype):
     sparse_linear_case(shape, density, dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", TILE_DTYPES)
 @pytest.mark.parametrize("shape,density", TILE_SHAPES)
 def test_sparse_linear_across_tile_boundaries(shape, density, dtype):
     K = sparse_linear_case(shape, density, dtype)
