@@ -56,11 +56,11 @@ def math_grads(q, k, v, wide, shape):
     """Reference: fp32 math backend on the same values. [B, S, H, D] grads of q, k, v."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    q32, k32, v32 = (t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v))  # [B, H, S, D]
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))              # [B, S, H, D]
     with sdpa_kernel([SDPBackend.MATH]):
-        out = torch.nn.functional.scaled_dot_product_attention(q32, k32, v32)
-    out.backward(grad_out(wide, shape, "dense").float().transpose(1, 2))
-    return [t.grad.transpose(1, 2) for t in (q32, k32, v32)]
+        out = torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q32, k32, v32)))
+    out.backward(grad_out(wide, shape, "dense").float().transpose(1, 2))                     # [B, H, S, D]
+    return [t.grad for t in (q32, k32, v32)]
 
 
 def parity(run, shape, order, seed=0) -> list[dict]:
