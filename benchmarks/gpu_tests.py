@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("benchmarks.gpu_tests: no CUDA device visible; run it on a GPU machine", file=sys.stderr)
         return 2
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    os.chdir(ROOT)  # the suite's paths and the pytest settings in pyproject.toml are the checkout's
     parallel = []
     with contextlib.suppress(ImportError):
         import xdist  # noqa: F401  - several workers compile the Triton kernels in parallel
