@@ -11,7 +11,7 @@ ifeq ($(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu),)
 export TRITON_INTERPRET := 1
 endif
 
-.PHONY: setup demo test test-unit test-kernels test-notebooks clean
+.PHONY: setup demo test test-unit test-kernels test-notebooks test-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -45,6 +45,13 @@ test-notebooks: setup
 	@if [ -d tests/notebooks ] && ls tests/notebooks/test_*.py >/dev/null 2>&1; then \
 		$(PY) -m pytest tests/notebooks -q -p no:cacheprovider; \
 	else echo "no notebook tests yet"; fi
+
+# The GPU suite (compiled Triton kernels, cuDNN/flash attention; on an H100/H200) and its store record
+# tests/gpu in $(GPU_OUT)/records.jsonl. No venv is made: on a machine with torch already installed run
+# `make test-gpu PY=python3`; on a copy without .git add FLUXLAB_GIT_COMMIT=<sha> FLUXLAB_GIT_DIRTY=0.
+GPU_OUT ?= results/gpu
+test-gpu:
+	$(PY) -m benchmarks.gpu_tests --out $(GPU_OUT)
 
 clean:
 	rm -rf runs results .pytest_cache

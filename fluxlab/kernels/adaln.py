@@ -156,9 +156,10 @@ _SM_COUNT: dict = {}
 
 def _bwd_chunks(B: int, S: int, BLOCK_R: int, device: torch.device) -> int:
     """Chunks per batch row-range: enough programs to fill the GPU (4 per SM), each looping over its
-    rows so the partial sums stay small. The interpreter runs one program per batch."""
+    rows so the partial sums stay small. The interpreter takes one chunk per row block (the same work
+    as one looping program), so a CPU shape of several row blocks runs the chunked reduction too."""
     if C.interpreting() or device.type != "cuda":
-        return 1
+        return triton.cdiv(S, BLOCK_R)
     if device not in _SM_COUNT:
         _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
     target = 4 * _SM_COUNT[device]

@@ -1,4 +1,5 @@
-"""Kernel tests run the Triton kernels themselves on the CPU through Triton's interpreter.
+"""Kernel tests run the Triton kernels themselves: compiled on CUDA tensors where a GPU is visible
+(`make test-gpu`), else on the CPU through Triton's interpreter (kt_helpers.DEVICE picks the device).
 
 TRITON_INTERPRET must be set before `@triton.jit` runs (when fluxlab.kernels.* is imported), so it
 is set here, at conftest import, before any test module loads.

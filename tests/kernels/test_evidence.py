@@ -1,5 +1,6 @@
 import pytest
 import torch
+from kt_helpers import DEVICE
 
 from fluxlab import kernels
 from fluxlab.kernels import adaln, rope
@@ -16,8 +17,8 @@ def test_fallback_on_unsupported_device_is_recorded_and_counters_stay_still():
 
 
 def test_fallback_on_unsupported_dtype():
-    x = torch.zeros(1, 3, 4, dtype=torch.float8_e4m3fn)
-    s = torch.zeros(1, 4, dtype=torch.float8_e4m3fn)
+    x = torch.zeros(1, 3, 4, dtype=torch.float8_e4m3fn, device=DEVICE)
+    s = torch.zeros(1, 4, dtype=torch.float8_e4m3fn, device=DEVICE)
     with pytest.raises(Exception):  # the reference itself cannot do fp8 arithmetic; the reason is kept anyway
         adaln.modulate(x, s, s)
     assert "dtype torch.float8_e4m3fn unsupported" in kernels.fallbacks()["adaln"][0]
@@ -34,9 +35,9 @@ def test_disabled_parses_env_and_rejects_typos(monkeypatch):
 
 
 def test_counters_sum_per_family_and_reset():
-    cos = sin = torch.ones(3, 4)
-    rope.apply_rope(torch.zeros(1, 3, 1, 4), cos, sin)
-    rope.apply_rope(torch.zeros(1, 3, 1, 4), cos, sin)
+    cos = sin = torch.ones(3, 4, device=DEVICE)
+    rope.apply_rope(torch.zeros(1, 3, 1, 4, device=DEVICE), cos, sin)
+    rope.apply_rope(torch.zeros(1, 3, 1, 4, device=DEVICE), cos, sin)
     assert kernels.counters() == {"rope.fwd": 2}
     assert kernels.family_totals() == {"rope": 2, "qk_norm_rope": 0, "adaln": 0, "sparse_delta": 0}
     kernels.reset_counters()

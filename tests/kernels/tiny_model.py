@@ -1,12 +1,13 @@
 """The tiny FLUX transformer and one fixed batch for it, shared by the model-level kernel tests."""
 
 import torch
+from kt_helpers import DEVICE
 
 from fluxlab.models import build_transformer
 
 
 def tiny(dtype=torch.float32, seed=0):
-    return build_transformer("tiny", "cpu", dtype, seed)
+    return build_transformer("tiny", str(DEVICE), dtype, seed)
 
 
 def batch(dtype=torch.float32, B=1, side=4, S_txt=5, seed=1):
@@ -14,11 +15,12 @@ def batch(dtype=torch.float32, B=1, side=4, S_txt=5, seed=1):
     g = torch.Generator().manual_seed(seed)
     rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
     img_ids = torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(-1, 3).float()
-    return dict(hidden_states=torch.randn(B, side * side, 64, generator=g).to(dtype),
-                encoder_hidden_states=torch.randn(B, S_txt, 32, generator=g).to(dtype),
-                pooled_projections=torch.randn(B, 32, generator=g).to(dtype),
-                timestep=torch.full((B,), 0.6, dtype=dtype), guidance=torch.full((B,), 3.5, dtype=dtype),
-                img_ids=img_ids, txt_ids=torch.zeros(S_txt, 3), return_dict=False)
+    inputs = dict(hidden_states=torch.randn(B, side * side, 64, generator=g).to(dtype),
+                  encoder_hidden_states=torch.randn(B, S_txt, 32, generator=g).to(dtype),
+                  pooled_projections=torch.randn(B, 32, generator=g).to(dtype),
+                  timestep=torch.full((B,), 0.6, dtype=dtype), guidance=torch.full((B,), 3.5, dtype=dtype),
+                  img_ids=img_ids, txt_ids=torch.zeros(S_txt, 3))
+    return {**{k: v.to(DEVICE) for k, v in inputs.items()}, "return_dict": False}
 
 
 def forward_backward(model, inputs):

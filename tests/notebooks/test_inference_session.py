@@ -1,16 +1,12 @@
 """inference_session.ipynb with the ci parameters on the CPU: it runs under papermill (every assert
-cell passes, records land in the store), then the papermill-prepared copy passes `pytest --nbval-lax`."""
+cell passes, records land in the store), then its papermill-prepared copy, which carries the committed
+expected output of the checked cell, passes `pytest --nbval-lax` (the comparison included)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from test_notebooks import ENV_KEEP, nbval, prepared_copy
 
-ROOT = Path(__file__).resolve().parents[2]
 RECORDS = {"inference/latency", "inference/vram_stages", "inference/leak", "inference/determinism"}
 
 
@@ -18,18 +14,13 @@ RECORDS = {"inference/latency", "inference/vram_stages", "inference/leak", "infe
 def test_inference_session_papermill_then_nbval(tmp_path):
     from fluxlab import notebook
 
-    env = {"FLUXLAB_STORE": str(tmp_path / "store.db"), "HF_HUB_OFFLINE": "1"}
+    env = {"FLUXLAB_STORE": str(tmp_path / "store.db"), "HF_HUB_OFFLINE": "1",
+           **{k: v for k, v in ENV_KEEP.items() if v}}
     result = notebook.run("inference_session", "ci", runs_dir=tmp_path / "runs", env=env)
     assert result.ok, result.error
     assert {r["benchmark"] for r in result.records} == RECORDS
     assert all(r["params"]["model"] == "tiny" for r in result.records)
 
-    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "-q", "-p", "no:cacheprovider", result.output]
-    sanitize = ROOT / "notebooks" / "nbval_sanitize.cfg"
-    if sanitize.exists():
-        cmd += ["--nbval-sanitize-with", str(sanitize)]
-    # cwd = tmp_path: no ini file there, so the repo's pytest options do not apply to the notebook run.
-    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, **env}, capture_output=True, text=True,
-                          timeout=600)
+    proc = nbval(prepared_copy("inference_session", tmp_path / "nbval"), env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
