@@ -108,15 +108,16 @@ def provenance(notebook: str | None = None, params: dict | None = None) -> dict:
     """Run id, notebook and parameters, git commit, dirty flag and a diff hash when dirty, host,
     device, driver, package versions and UTC time. Cheap: no imports beyond what is loaded; git
     with a timeout."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain") if commit is not None else None
-    diff_hash = _diff_hash() if status and status.strip() else None
-    if commit is None and os.environ.get("FLUXLAB_GIT_COMMIT"):
-        # A copy without .git (e.g. a tree shipped to a GPU box): the caller states what it is,
-        # and vouches for cleanliness with FLUXLAB_GIT_DIRTY=0 (or names the diff's hash).
+    if os.environ.get("FLUXLAB_GIT_COMMIT"):
+        # A tree shipped to a GPU box, whose .git (if any) may be stale: the caller states which
+        # commit it is, and vouches for cleanliness with FLUXLAB_GIT_DIRTY=0 (or names the diff's hash).
         commit = os.environ["FLUXLAB_GIT_COMMIT"]
         status = "dirty" if os.environ.get("FLUXLAB_GIT_DIRTY", "1") != "0" else ""
         diff_hash = os.environ.get("FLUXLAB_GIT_DIFF_HASH") or None
+    else:
+        commit = _git("rev-parse", "HEAD")
+        status = _git("status", "--porcelain") if commit is not None else None
+        diff_hash = _diff_hash() if status and status.strip() else None
     prov = {
         "run_id": run_id(),
         "notebook": notebook or os.environ.get("FLUXLAB_NOTEBOOK"),

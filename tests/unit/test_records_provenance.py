@@ -98,3 +98,15 @@ def test_dirty_tree_records_carry_a_hash_of_the_diff(tmp_path, monkeypatch):
     (repo / "new.py").write_text("y = 1\n")
     third = store.provenance()["git_diff_sha256"]
     assert len({first, second, third}) == 3 and all(len(h) == 64 for h in (first, second, third))
+
+
+def test_a_stated_commit_wins_over_a_stale_git_folder(tmp_path, monkeypatch):
+    # A tree copied to a GPU machine may carry an old .git: the commit the caller states is the truth.
+    monkeypatch.setenv("FLUXLAB_GIT_COMMIT", "0123abc")
+    monkeypatch.setenv("FLUXLAB_GIT_DIRTY", "0")
+    p = store.provenance()
+    assert p["git_commit"] == "0123abc" and p["git_dirty"] is False and p["git_diff_sha256"] is None
+    monkeypatch.setenv("FLUXLAB_GIT_DIRTY", "1")
+    monkeypatch.setenv("FLUXLAB_GIT_DIFF_HASH", "f" * 64)
+    p = store.provenance()
+    assert p["git_dirty"] is True and p["git_diff_sha256"] == "f" * 64
