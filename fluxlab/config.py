@@ -70,7 +70,10 @@ class TrainConfig:
     rank: int = 4
     """LoRA rank r."""
     lora_alpha: float = 0.0
-    """LoRA alpha; 0 means alpha = rank (scale 1), as diffusers' FLUX LoRA script does."""
+    """LoRA alpha (the adapter's scale is alpha / rank); 0 means alpha = rank, scale 1 at any rank.
+    This differs from diffusers' train_dreambooth_lora_flux.py, whose --lora_alpha defaults to 4 for
+    every rank (scale 4 / rank): set lora_alpha=4 to train as that script does. The saved LoRA
+    records alpha and rank, so `load_lora_weights` loads it at the trained scale either way."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input path."""
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_ATTENTION_MODULES))
@@ -82,7 +85,10 @@ class TrainConfig:
     learning_rate: float = 1e-4
     """Peak learning rate of AdamW."""
     lr_scheduler: str = "constant"
-    """constant | linear | cosine (decay to 0 at `steps`), after `lr_warmup_steps` linear warm-up."""
+    """constant | linear | cosine (decay to 0 at `steps`), each after `lr_warmup_steps` of linear
+    warm-up. Unlike diffusers' script, whose `constant` ignores --lr_warmup_steps, fluxlab's
+    `constant` warms up first: it is diffusers' `constant_with_warmup` (and equals its `constant`
+    when lr_warmup_steps=0)."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
     adam_beta1: float = 0.9

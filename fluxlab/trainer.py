@@ -803,8 +803,14 @@ class Trainer:
             path = atomic_write_bytes(self.out / "sparse_delta.safetensors", save(state))
             self.written.append(str(path))
             return path
+        from diffusers.training_utils import _collate_lora_metadata
+
+        # The adapter's LoraConfig (rank, alpha, targets) goes into the file's metadata, as
+        # train_dreambooth_lora_flux.py writes it: without it, load_lora_weights guesses alpha
+        # and the LoRA loads at the wrong strength whenever lora_alpha != rank.
+        metadata = _collate_lora_metadata({"transformer": self.transformer})
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".lora-") as tmp:
-            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True)
+            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True, **metadata)
             os.replace(Path(tmp) / LORA_FILE, self.out / LORA_FILE)
         self.written.append(str(self.out / LORA_FILE))
         return self.out / LORA_FILE
