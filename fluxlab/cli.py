@@ -59,14 +59,28 @@ def _add_generate(sub) -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens of the prompt (1..512)")
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="a LoRA .safetensors file or a training output_dir (loaded with load_lora_weights)")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="multiplies the LoRA's trained strength (1: as trained, 0: the base model)")
     p.add_argument("--out", default="runs/generate.png")
 
     def run(a):
-        from fluxlab import models
+        import io
 
-        path = models.generate_image(a.model, a.prompt, steps=a.steps, size=a.size, seed=a.seed,
-                                     device=a.device, out=a.out)
-        print(f"image written to {path}")
+        from fluxlab._atomic import atomic_write_bytes
+        from fluxlab.inference import InferenceSession, to_pil
+
+        if a.lora_scale != 1.0 and not a.lora:
+            raise UserError("--lora-scale needs --lora PATH (the LoRA to scale)")
+        session = InferenceSession(a.model, a.device, steps=a.steps, size=a.size,
+                                   max_sequence_length=a.max_sequence_length, lora=a.lora, lora_scale=a.lora_scale)
+        image, _ = session.generate(a.prompt, a.seed)  # [3, size, size] in [0, 1]
+        buf = io.BytesIO()
+        to_pil(image).save(buf, format="PNG")
+        path = atomic_write_bytes(a.out, buf.getvalue())
+        print(f"image written to {path}" + (f" (LoRA {session.lora} at scale {a.lora_scale:g})" if a.lora else ""))
         return 0
 
     p.set_defaults(func=run)

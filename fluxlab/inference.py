@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -374,6 +375,36 @@ class DeterminismReport:
         return self.identical and self.differs
 
 
+# --- LoRA ------------------------------------------------------------------------------------
+LORA_ADAPTER = "lora"
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The LoRA file at `path`: a .safetensors file, or a folder holding `fluxlab train`'s output."""
+    from fluxlab.trainer import LORA_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / LORA_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA there; pass a .safetensors file or a training output_dir "
+                                f"holding {LORA_FILE} (`fluxlab train CONFIG` writes it at the end)")
+    return p
+
+
+def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0) -> Path:
+    """Load a diffusers-format LoRA into `pipe` with stock `load_lora_weights` and set its scale.
+
+    The file's adapter metadata gives the trained alpha / rank; `scale` multiplies on top
+    (1: as trained, 0: the base model). Returns the file loaded.
+    """
+    p = lora_file(path)
+    with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel": none are trained
+        pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=LORA_ADAPTER)
+    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[float(scale)])
+    return p
+
+
 # --- the session -----------------------------------------------------------------------------
 class InferenceSession:
     """One pipeline plus its options; generates, and measures latency, memory, leaks, determinism.
@@ -385,7 +416,8 @@ class InferenceSession:
     def __init__(self, model: str = "tiny", device: str | None = None, dtype: torch.dtype | None = None, *,
                  kernels: bool = False, compile: bool = False, quantize: str = "none", fuse_qkv: bool = False,
                  steps: int = 4, size: int = 64, guidance: float = 3.5, max_sequence_length: int = 512,
-                 compile_mode: str | None = None, compile_backend: str = "inductor", pipe=None, seed: int = 0):
+                 compile_mode: str | None = None, compile_backend: str = "inductor", pipe=None, seed: int = 0,
+                 lora: str | os.PathLike | None = None, lora_scale: float = 1.0):
         self.device = torch.device(device or default_device())
         self.dtype = dtype or default_dtype(self.device)
         if quantize not in QUANT_MODES:
@@ -399,6 +431,12 @@ class InferenceSession:
             raise ValueError(f"size must be a positive multiple of 16 (VAE /8, then 2x2 packing), got {size!r}")
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in 1..512 (FLUX's T5 limit), got {max_sequence_length}")
+        if lora:
+            lora_file(lora)  # a wrong path fails here, before minutes of loading
+            if fuse_qkv:
+                raise ValueError("lora and fuse_qkv cannot be combined (fusing would drop the LoRA on q/k/v); "
+                                 "set fuse_qkv=False")
+        self.lora, self.lora_scale = (str(lora) if lora else None), float(lora_scale)
         self.model, self.kernels, self.compile, self.quantize = str(model), kernels, compile, quantize
         self.fuse_qkv, self.compile_mode, self.compile_backend, self.seed = fuse_qkv, compile_mode, compile_backend, seed
         self.steps, self.size, self.guidance, self.max_sequence_length = steps, size, guidance, max_sequence_length
@@ -414,7 +452,9 @@ class InferenceSession:
                 "kernels": self.kernels, "compile": self.compile, "compile_mode": self.compile_mode,
                 "compile_backend": self.compile_backend,
                 "quantize": self.quantize, "fuse_qkv": self.fuse_qkv, "steps": self.steps, "size": self.size,
-                "guidance": self.guidance, "max_sequence_length": self.max_sequence_length}
+                "guidance": self.guidance, "max_sequence_length": self.max_sequence_length,
+                # only with a LoRA, so records without one keep their series key
+                **({"lora": self.lora, "lora_scale": self.lora_scale} if self.lora else {})}
 
     def load(self):
         """Build or load the pipeline and apply the options (quantize, fuse, kernels, compile)."""
@@ -427,6 +467,8 @@ class InferenceSession:
         tr = pipe.transformer
         if self.quantize != "none" and not getattr(tr, "is_quantized", False) and not self.quantized_layers:
             self.quantized_layers = quantize_transformer(tr, self.quantize, self.dtype)
+        if self.lora:  # before kernels / compile, which must see the LoRA layers
+            load_lora(pipe, self.lora, self.lora_scale)
         if self.fuse_qkv:
             with torch.no_grad():
                 tr.fuse_qkv_projections()

@@ -1,0 +1,74 @@
+"""From `fluxlab train` to using what it trained: `fluxlab generate --lora` and
+`InferenceSession(lora=...)` load the LoRA through stock `load_lora_weights`."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fluxlab.cli import main
+from fluxlab.config import load_config
+from fluxlab.inference import InferenceSession
+from fluxlab.trainer import LORA_FILE, Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "a large red circle at the top left on a white background"
+
+
+@pytest.fixture(scope="module")
+def lora_dir(pipe, shapes, tmp_path_factory):
+    out = tmp_path_factory.mktemp("user_path_lora")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", {
+        "data": str(shapes), "output_dir": str(out), "num_workers": "0", "progress": "false",
+        "max_sequence_length": "16", "batch_size": "2", "steps": "6", "rank": "4", "lora_alpha": "8",
+        "device": "cpu", "lr_warmup_steps": "0", "learning_rate": "3e-2", "validation_every": "0",
+        "checkpoint_every": "0"})
+    Trainer(cfg, pipe=copy.deepcopy(pipe)).setup().train()
+    assert (out / LORA_FILE).is_file()
+    return out
+
+
+def _image(**kw):
+    s = InferenceSession("tiny", "cpu", torch.float32, steps=2, size=32, max_sequence_length=64, **kw)
+    return s.generate(PROMPT, 0)[0]  # [3, 32, 32] in [0, 1]
+
+
+def test_session_lora_changes_the_image_and_scale_zero_gives_the_base(lora_dir, home):
+    base = _image()
+    tuned = _image(lora=lora_dir)
+    off = _image(lora=lora_dir / LORA_FILE, lora_scale=0.0)   # a file path works too
+    assert (tuned - base).abs().max() > 1e-2
+    assert torch.allclose(off, base, atol=1e-6, rtol=0), (off - base).abs().max()
+
+
+def test_session_refuses_a_missing_lora_before_loading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no LoRA there"):
+        InferenceSession("tiny", "cpu", lora=tmp_path / "nothing")
+
+
+def test_generate_cli_with_lora(lora_dir, home, tmp_path, capsys):
+    def run(*extra):
+        out = tmp_path / f"img{len(list(tmp_path.iterdir()))}.png"
+        rc = main(["generate", "--prompt", PROMPT, "--size", "32", "--steps", "2", "--device", "cpu",
+                   "--max-sequence-length", "64", "--out", str(out), *extra])
+        return rc, out
+
+    rc, base = run()
+    assert rc == 0
+    rc, tuned = run("--lora", str(lora_dir))
+    assert rc == 0 and "LoRA" in capsys.readouterr().out
+    rc, off = run("--lora", str(lora_dir), "--lora-scale", "0")
+    assert rc == 0
+    px = {k: np.asarray(Image.open(p), dtype=np.int16) for k, p in (("base", base), ("tuned", tuned), ("off", off))}
+    assert np.abs(px["tuned"] - px["base"]).max() > 2
+    assert np.array_equal(px["off"], px["base"])
+    # A wrong path: one line naming it, exit 2, no image.
+    missing = tmp_path / "nope"
+    capsys.readouterr()
+    rc, out = run("--lora", str(missing))
+    err = capsys.readouterr().err
+    assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
