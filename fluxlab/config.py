@@ -39,7 +39,8 @@ class TrainConfig:
     model: str = "tiny"
     """A preset (tiny, flux1-dev, flux1-schnell) or a folder saved with FluxPipeline.save_pretrained."""
     data: str = "data/shapes"
-    """Folder of image + caption (.txt) pairs (see `fluxlab data validate`)."""
+    """Folder of image + caption (.txt) pairs (see `fluxlab data validate`). The default is the
+    synthetic set `fluxlab data shapes data/shapes --n 64 --seed 0` writes (`make demo` runs it)."""
     output_dir: str = "runs/train"
     """LoRA, checkpoints/, metrics.jsonl and curves land here."""
     cache_dir: str = ""

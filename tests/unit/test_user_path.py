@@ -2,11 +2,14 @@
 `InferenceSession(lora=...)` load the LoRA through stock `load_lora_weights`."""
 
 import copy
+import re
+import shlex
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from fluxlab.cli import main
@@ -72,3 +75,40 @@ def test_generate_cli_with_lora(lora_dir, home, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and str(missing) in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+# --- one dataset home ------------------------------------------------------------------------
+SHAPES_CMD = re.compile(r"fluxlab data shapes (\S+)((?: --\w+ \d+)*)")
+
+
+def test_one_dataset_home_in_readme_makefile_config_and_defaults():
+    from fluxlab.config import TrainConfig
+
+    home = TrainConfig(device="cpu").data
+    tiny = (ROOT / "configs" / "tiny.yaml").read_text()
+    assert yaml.safe_load(tiny)["data"] == home
+    demo = (ROOT / "Makefile").read_text().split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    found = {}
+    for name, text in (("Makefile demo", demo), ("configs/tiny.yaml", tiny),
+                       ("README.md", (ROOT / "README.md").read_text()),
+                       ("data/README.md", (ROOT / "data" / "README.md").read_text())):
+        cmds = SHAPES_CMD.findall(text)
+        assert cmds, f"{name} does not say how to make the dataset"
+        found[name] = cmds
+    # Every place makes the same folder with the same options, and it is the config's default.
+    assert {c for cmds in found.values() for c in cmds} == {(home, " --n 64 --seed 0")}, found
+
+
+def test_missing_dataset_error_prints_the_command_that_makes_it(tmp_path, capsys):
+    missing = tmp_path / "shapes"
+    rc = main(["train", str(ROOT / "configs" / "tiny.yaml"), "--set", f"data={missing}", "--set",
+               f"output_dir={tmp_path / 'out'}", "--set", "device=cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    (cmd,) = [" ".join(m) for m in SHAPES_CMD.findall(err)]
+    assert str(missing) in cmd
+    # Running exactly that command makes a dataset the trainer accepts.
+    argv = shlex.split(SHAPES_CMD.search(err).group(0))[1:]
+    assert main(argv) == 0
+    assert main(["data", "validate", str(missing)]) == 0
+    assert not (tmp_path / "out").exists()  # the failed run wrote nothing
