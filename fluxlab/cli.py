@@ -185,10 +185,37 @@ def _add_results(sub) -> None:
     def run(a):
         from fluxlab import store
 
+        if a.results_cmd == "list":
+            return _results_list(a.store)
         return store.cli(a)
 
     for q in (p,):
         q.set_defaults(func=run)
+
+
+def _results_list(store_path) -> int:
+    """`fluxlab results list`: one row per record under a header; a record without a verdict is a
+    plain measurement (no comparison), shown as `measured`."""
+    from fluxlab import store
+
+    try:
+        recs = store.query(store_path)
+    except store.StoreError as e:
+        print(f"fluxlab: error: {e}", file=sys.stderr)
+        return 2
+    if not recs:
+        print(f"no records in {store_path or store.default_store_path()}")
+        return 0
+    head = ("utc", "benchmark", "device", "verdict", "ratio", "95% CI", "id")
+    rows = [(str(r.get("utc") or "?")[:19], str(r["benchmark"]), str(r.get("device_name") or r.get("device") or "-"),
+             "measured" if r.get("verdict") is None else str(r["verdict"]),
+             "-" if r.get("ratio") is None else f"{r['ratio']:.3f}",
+             "-" if r.get("ci_low") is None else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["id"][:8])
+            for r in recs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    for r in (head, tuple("-" * w for w in widths), *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
 
 
 # --- notebook ---------------------------------------------------------------
