@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,24 @@ TIMESTEP_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 class ConfigError(ValueError):
     """A config value or combination the user must change; the message names the field."""
+
+
+class ConfigWarning(UserWarning):
+    """A setting that works but probably not as meant; shown as one `fluxlab: warning:` line."""
+
+
+_format_warning = warnings.formatwarning
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    # A ConfigWarning is about the user's config, not about the line of fluxlab that noticed it:
+    # no "file.py:123: UserWarning" and no echoed source line.
+    if issubclass(category, ConfigWarning):
+        return f"fluxlab: warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line
 
 
 @dataclass(kw_only=True)
@@ -254,13 +273,11 @@ class TrainConfig:
             need(device.type == "cuda", "quantize",
                  f"{self.quantize} base weights (bitsandbytes) need a CUDA GPU; set quantize=none on the CPU")
         if self.lr_warmup_steps > self.steps:
-            import warnings
             warnings.warn(f"lr_warmup_steps ({self.lr_warmup_steps}) > steps ({self.steps}): the learning rate "
-                          f"never reaches learning_rate", stacklevel=2)
+                          f"never reaches learning_rate", ConfigWarning, stacklevel=2)
         if self.use_kernels and device.type != "cuda":
-            import warnings
             warnings.warn("use_kernels on the CPU runs Triton kernels only under TRITON_INTERPRET=1 (slow)",
-                          stacklevel=2)
+                          ConfigWarning, stacklevel=2)
 
     def check_dataset_size(self, n_images: int, world_size: int = 1) -> None:
         """Refuse a run whose optimizer step needs more images than the dataset holds."""

@@ -811,7 +811,8 @@ class Trainer:
         metadata = _collate_lora_metadata({"transformer": self.transformer})
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".lora-") as tmp:
             FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True, **metadata)
-            os.replace(Path(tmp) / LORA_FILE, self.out / LORA_FILE)
+            # Through the atomic writer: durable, and the usual file mode (safetensors writes 0600).
+            atomic_write_bytes(self.out / LORA_FILE, (Path(tmp) / LORA_FILE).read_bytes())
         self.written.append(str(self.out / LORA_FILE))
         return self.out / LORA_FILE
 

@@ -79,3 +79,16 @@ def test_stock_load_lora_weights_reproduces_the_trained_transformer(trained, hom
     # rank's alpha) or not at all could not pass.
     assert effect > 1e-3, effect
     assert err <= 1e-5 * max(1.0, want.abs().max().item()), (err, effect)
+
+
+def test_every_file_the_trainer_wrote_has_one_mode(trained):
+    """LoRA, plots, config.yaml, metrics and checkpoint files alike: 0666 minus the umask."""
+    import os
+
+    _, out = trained
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert {LORA_FILE, "config.yaml", "loss.png"} <= set(modes)
+    assert any(k.startswith("checkpoints/") for k in modes)
+    assert set(modes.values()) == {0o666 & ~mask}, modes
