@@ -149,13 +149,18 @@ def _add_cache(sub) -> None:
     b.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true")
     st = s.add_parser("stats", help="print cache sizes and counters")
-    st.add_argument("cache_dir")
     ve = s.add_parser("verify", help="check every entry; evict corrupt ones")
-    ve.add_argument("cache_dir")
+    for q in (st, ve):
+        q.add_argument("cache_dir", nargs="?", default=None,
+                       help="the cache folder (default: the one `train` uses, $FLUXLAB_HOME/cache)")
 
     def run(a):
         from fluxlab import caches
 
+        if a.cache_cmd != "build" and a.cache_dir is None:
+            from fluxlab.config import default_cache_dir
+
+            a.cache_dir = str(default_cache_dir())
         if a.cache_cmd == "build":
             return caches.cli_build(a.config, parse_pairs(a.overrides), as_json=a.json)
         if a.cache_cmd == "stats":

@@ -52,6 +52,13 @@ def _one_line(message, category, filename, lineno, line=None) -> str:
 warnings.formatwarning = _one_line
 
 
+def default_cache_dir() -> Path:
+    """$FLUXLAB_HOME/cache (default ~/.cache/fluxlab/cache): where `train` and `cache` keep caches."""
+    import os
+
+    return Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab")) / "cache"
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     # --- what to train on ---------------------------------------------------------------------
@@ -188,9 +195,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.cache_dir:  # derived: one shared, content-addressed cache per machine
-            import os
-            home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
-            self.cache_dir = str(home / "cache")
+            self.cache_dir = str(default_cache_dir())
         self.validate()
 
     # Derived values -----------------------------------------------------------------------------

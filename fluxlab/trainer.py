@@ -85,8 +85,17 @@ class TrainResult:
     cache_stats: dict = field(default_factory=dict)
     data_wait_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    lora_sha256_per_rank: list[str] = field(default_factory=list)
+    adapter_sha256_per_rank: list[str] = field(default_factory=list)
+    """Per rank, sha256 of the trainable parameters (names + fp32 bytes): equal on every rank when
+    DDP kept the replicas in sync. A hash of tensors in memory, not of the file (lora_file_sha256)."""
+    lora_file_sha256: str | None = None
+    """sha256 of the saved LoRA file's bytes (None until it is written)."""
     writes_per_rank: list[list[str]] = field(default_factory=list)
+
+    @property
+    def lora_sha256_per_rank(self) -> list[str]:
+        """Former name of adapter_sha256_per_rank (it never hashed the file); kept for old readers."""
+        return self.adapter_sha256_per_rank
 
 
 # --- the objective ------------------------------------------------------------------------------
@@ -677,7 +686,9 @@ class Trainer:
         result.steps_done = self.global_step
         if not result.interrupted:
             result.lora_path = self.save_lora()
-            result.lora_sha256_per_rank = _gather(self._lora_digest())
+            result.adapter_sha256_per_rank = _gather(self._lora_digest())
+            if is_main and result.lora_path is not None:
+                result.lora_file_sha256 = hashlib.sha256(result.lora_path.read_bytes()).hexdigest()
             if is_main:
                 self._plot_curves()
         result.writes_per_rank = _gather(list(self.written))
@@ -687,6 +698,7 @@ class Trainer:
             summary = {k: v for k, v in dataclasses.asdict(result).items()
                        if k not in ("losses", "patch_report", "data_wait_s")}
             summary["patch_report"] = repr(self.patch_report) if self.patch_report is not None else None
+            summary["lora_sha256_per_rank"] = summary["adapter_sha256_per_rank"]  # former name, for old readers
             self._write_json(self.out / "train_summary.json", summary)
         _barrier()
         return result

@@ -92,3 +92,14 @@ def test_every_file_the_trainer_wrote_has_one_mode(trained):
     assert {LORA_FILE, "config.yaml", "loss.png"} <= set(modes)
     assert any(k.startswith("checkpoints/") for k in modes)
     assert set(modes.values()) == {0o666 & ~mask}, modes
+
+
+def test_summary_hashes_say_what_they_hash(trained):
+    import hashlib
+
+    tr, out = trained
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert summary["lora_file_sha256"] == hashlib.sha256((out / LORA_FILE).read_bytes()).hexdigest()
+    (params,) = summary["adapter_sha256_per_rank"]
+    assert params == tr._lora_digest() != summary["lora_file_sha256"]
+    assert summary["lora_sha256_per_rank"] == [params]  # the former name still reads

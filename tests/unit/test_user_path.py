@@ -112,3 +112,16 @@ def test_missing_dataset_error_prints_the_command_that_makes_it(tmp_path, capsys
     assert main(argv) == 0
     assert main(["data", "validate", str(missing)]) == 0
     assert not (tmp_path / "out").exists()  # the failed run wrote nothing
+
+
+def test_cache_stats_and_verify_default_to_the_folder_train_uses(lora_dir, home, capsys):
+    from fluxlab.config import TrainConfig
+
+    assert Path(TrainConfig(device="cpu").cache_dir) == home / "cache"  # where lora_dir's training cached
+    capsys.readouterr()
+    assert main(["cache", "stats"]) == 0
+    stats = capsys.readouterr().out
+    assert "latent" in stats and not any(" entries      0 " in line for line in stats.splitlines()), stats
+    assert main(["cache", "verify"]) == 0
+    checked = int(re.search(r"checked (\d+) entries", capsys.readouterr().out).group(1))
+    assert checked > 0
