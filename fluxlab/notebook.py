@@ -235,7 +235,8 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
             # so the kernel is this environment's interpreter.
             papermill.execute_notebook(str(nb_path), str(output), parameters=params, kernel_name="python3",
                                        progress_bar=progress, cwd=str(nb_path.parent),
-                                       execution_timeout=timeout, request_save_on_cell_execute=False)
+                                       execution_timeout=timeout, request_save_on_cell_execute=False,
+                                       kernel_manager_class="fluxlab._kernel.QuietKernelManager")
     except Exception as exc:  # PapermillExecutionError, a dead kernel, a timeout...
         return False, _error_of(exc)
     return True, ""

@@ -31,3 +31,39 @@ def test_config_warnings_are_one_plain_line(home, tmp_path):
                         "learning_rate"), lines
     assert "UserWarning" not in proc.stderr and "warnings.warn" not in proc.stderr
     assert len(lines) == 2 and lines[1].startswith("fluxlab: error: dataset folder")
+
+
+def _notebook(path: Path, mark: Path) -> Path:
+    """A two-cell notebook whose kernel writes `mark` if it ever receives SIGINT after its cells."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    probe = (f"import signal\nmark = {str(mark)!r}\n"
+             "def _hit(*_):\n    open(mark, 'w').write('SIGINT')\n"
+             "get_ipython().kernel.post_handler_hook = lambda: signal.signal(signal.SIGINT, _hit)\n"
+             "print('ran')")
+    nb.cells = [nbformat.v4.new_code_cell(probe)]
+    nbformat.write(nb, str(path))
+    return path
+
+
+def test_notebook_runs_print_no_kernel_transport_warning_and_send_no_sigint(tmp_path):
+    import papermill
+
+    quiet_mark, stock_mark = tmp_path / "quiet.mark", tmp_path / "stock.mark"
+    code = ("import sys\nfrom pathlib import Path\nfrom fluxlab import notebook\n"
+            f"ok, err = notebook.execute(Path({str(_notebook(tmp_path / 'q.ipynb', quiet_mark))!r}), "
+            f"Path({str(tmp_path / 'q_out.ipynb')!r}), {{}}, run_id='r', preset='ci')\n"
+            "assert ok, err\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "without encryption" not in proc.stderr and "KeyboardInterrupt" not in proc.stderr, proc.stderr
+    assert "ran" in (tmp_path / "q_out.ipynb").read_text()
+    assert not quiet_mark.exists()                     # shut down without an interrupt
+    assert not list(tmp_path.glob("*ipc*"))            # no socket files left in the working directory
+    # Control: jupyter_client's stock manager does interrupt on shutdown, so the probe can see it.
+    papermill.execute_notebook(str(_notebook(tmp_path / "s.ipynb", stock_mark)), str(tmp_path / "s_out.ipynb"),
+                               kernel_name="python3", progress_bar=False)
+    assert stock_mark.read_text() == "SIGINT"
