@@ -32,6 +32,12 @@ from fluxlab.models import compile_blocks, default_device, default_dtype, load_p
 
 QUANT_MODES = ("none", "nf4", "int8")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
+
+
+def min_samples(q: float) -> int:
+    """Samples a q-th percentile needs to say more than "the largest sample": n >= 1 / (1 - q/100),
+    so that on average one sample lies above it (p90: 10, p99: 100, p99.9: 1000)."""
+    return math.ceil(1.0 / (1.0 - q / 100.0) - 1e-9)
 STAGES = ("encode", "denoise", "decode")
 MiB = 2**20
 
@@ -271,6 +277,20 @@ class LatencyReport:
     def n(self) -> int:
         return len(self.samples_s)
 
+    def supported_percentiles_s(self) -> dict[str, float]:
+        """The percentiles these n samples support (`min_samples`); the others are interpolations
+        between the top samples and are left out of tables, plots and metrics."""
+        return {k: v for k, v in self.percentiles_s.items() if self.n >= min_samples(PERCENTILES[k])}
+
+    def percentile_note(self) -> str:
+        """What n supports, e.g. "n=6 supports p50; p90 needs n >= 10"."""
+        have = list(self.supported_percentiles_s())
+        missing = [k for k in self.percentiles_s if k not in have]
+        note = f"n={self.n} supports {', '.join(have) or 'no percentile'}"
+        if missing:
+            note += f"; {missing[0]} needs n >= {min_samples(PERCENTILES[missing[0]])}"
+        return note
+
     def stage_split(self) -> dict[str, dict[str, float]]:
         """Median seconds and share of the median total per stage."""
         total = float(np.median(self.samples_s))
@@ -278,25 +298,31 @@ class LatencyReport:
                 for k, v in self.stages_s.items()}
 
     def metrics(self) -> dict:
-        return {"n": self.n, **{f"{k}_s": v for k, v in self.percentiles_s.items()}, "mean_s": self.mean_s,
+        return {"n": self.n, **{f"{k}_s": v for k, v in self.supported_percentiles_s().items()},
+                "percentiles_note": self.percentile_note(), "mean_s": self.mean_s,
                 "std_s": self.std_s, "outliers": self.outliers, "outlier_rule": self.outlier_rule,
                 "warmup_s": self.warmup_s, "stages": self.stage_split()}
 
     def plot(self, ax=None):
-        """Histogram of the samples with percentile lines and outliers marked; returns the axes."""
+        """Histogram of the samples with the supported percentiles and outliers marked; returns the axes."""
         import matplotlib.pyplot as plt
 
-        ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+        from fluxlab.plots import plain_numbers
+
+        ax = ax or plt.subplots(figsize=(7, 3.5), layout="constrained")[1]
         ms = np.asarray(self.samples_s) * 1e3
         ax.hist(ms, bins=min(30, max(5, self.n // 2)), color="#7a9cc6", edgecolor="white")
-        for (name, v), style in zip(self.percentiles_s.items(), ("-", "--", "-.", ":", ":")):
+        for (name, v), style in zip(self.supported_percentiles_s().items(), ("-", "--", "-.", ":", ":")):
             ax.axvline(v * 1e3, color="k", linestyle=style, linewidth=1, label=f"{name} {v * 1e3:.1f} ms")
         if self.outliers:
             ax.plot(ms[self.outliers], np.zeros(len(self.outliers)), "rv", label="outlier (3σ)")
         ax.set_xlabel("generation wall time (ms)")
-        ax.set_ylabel("count")
-        ax.set_title(f"latency over {self.n} generations (warm-up excluded)")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("generations")
+        ax.set_title(f"latency over {self.n} generations (warm-up excluded)\n{self.percentile_note()}", fontsize=10)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        plain_numbers(ax)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         return ax
 
 
