@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -54,8 +55,6 @@ warnings.formatwarning = _one_line
 
 def default_cache_dir() -> Path:
     """$FLUXLAB_HOME/cache (default ~/.cache/fluxlab/cache): where `train` and `cache` keep caches."""
-    import os
-
     return Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab")) / "cache"
 
 
@@ -280,9 +279,10 @@ class TrainConfig:
         if self.lr_warmup_steps > self.steps:
             warnings.warn(f"lr_warmup_steps ({self.lr_warmup_steps}) > steps ({self.steps}): the learning rate "
                           f"never reaches learning_rate", ConfigWarning, stacklevel=2)
-        if self.use_kernels and device.type != "cuda":
-            warnings.warn("use_kernels on the CPU runs Triton kernels only under TRITON_INTERPRET=1 (slow)",
-                          ConfigWarning, stacklevel=2)
+        if self.use_kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            # Interpreted on purpose (tests, CI notebooks) is not worth a warning; forgetting it is.
+            warnings.warn("use_kernels on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter, slow) set "
+                          "before fluxlab starts; set it, or use_kernels=false", ConfigWarning, stacklevel=2)
 
     def check_dataset_size(self, n_images: int, world_size: int = 1) -> None:
         """Refuse a run whose optimizer step needs more images than the dataset holds."""

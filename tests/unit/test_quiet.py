@@ -67,3 +67,18 @@ def test_notebook_runs_print_no_kernel_transport_warning_and_send_no_sigint(tmp_
     papermill.execute_notebook(str(_notebook(tmp_path / "s.ipynb", stock_mark)), str(tmp_path / "s_out.ipynb"),
                                kernel_name="python3", progress_bar=False)
     assert stock_mark.read_text() == "SIGINT"
+
+
+def test_use_kernels_warns_on_the_cpu_only_without_the_interpreter(monkeypatch):
+    import warnings
+
+    from fluxlab.config import ConfigWarning, TrainConfig
+
+    for value, warned in (("1", False), ("", True)):
+        monkeypatch.setenv("TRITON_INTERPRET", value)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            TrainConfig(device="cpu", use_kernels=True)
+        hits = [w for w in caught if issubclass(w.category, ConfigWarning)]
+        assert bool(hits) == warned, (value, [str(w.message) for w in caught])
+        assert all("TRITON_INTERPRET=1" in str(w.message) for w in hits)
