@@ -43,7 +43,7 @@ test-kernels: setup
 
 test-notebooks: setup
 	@if [ -d tests/notebooks ] && ls tests/notebooks/test_*.py >/dev/null 2>&1; then \
-		$(PY) -m pytest tests/notebooks -q -p no:cacheprovider; \
+		$(PY) -m pytest tests/notebooks tests/browser -v -rs -p no:cacheprovider; \
 	else echo "no notebook tests yet"; fi
 
 clean:
