@@ -1,14 +1,12 @@
 """lr-find's suggestion: minimum / 10 after a divergence; otherwise a warning and the steepest
 descent, capped; a curve that never fell gives no suggestion. Planted curves, then a real sweep."""
 
-import copy
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fluxlab.config import load_config
-from fluxlab.trainer import LR_FIND_MAX_FACTOR, lr_find, suggest_lr
+from fluxlab.trainer import LR_FIND_MAX_FACTOR, suggest_lr
 
 ROOT = Path(__file__).resolve().parents[2]
 LRS = np.logspace(-7, 0, 61)  # 10 points per decade: lr = 10 ** (-7 + i / 10)
@@ -53,14 +51,23 @@ def test_a_loss_that_never_fell_gives_no_suggestion():
     assert suggested == 3e-3 and "never fell" in warning
 
 
-def test_real_sweep_that_never_diverges_warns(pipe, shapes, tmp_path, capsys):
-    """A short tiny-preset sweep whose top lr is too small to diverge."""
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", {
-        "data": str(shapes), "output_dir": str(tmp_path), "num_workers": "0", "progress": "false",
-        "max_sequence_length": "16", "batch_size": "2", "rank": "4", "device": "cpu", "validation_every": "0",
-        "lr_find_min": "1e-6", "lr_find_max": "1e-2", "lr_find_steps": "12", "learning_rate": "1e-4"})
-    res = lr_find(cfg, pipe=copy.deepcopy(pipe))
-    assert res.diverged_at is None and len(res.lrs) == 12
-    assert res.warning, res
-    assert res.suggested_lr <= LR_FIND_MAX_FACTOR * cfg.learning_rate
-    assert res.plot_path.stat().st_size > 0 and (tmp_path / "lr_find.json").is_file()
+def test_real_sweep_that_never_diverges_warns(shapes, home, tmp_path, capsys):
+    """`fluxlab lr-find` on the tiny preset, with a top lr too small to diverge."""
+    import json
+
+    from fluxlab.cli import main
+
+    sets = {"data": str(shapes), "output_dir": str(tmp_path), "num_workers": "0", "progress": "false",
+            "max_sequence_length": "16", "batch_size": "2", "rank": "4", "device": "cpu", "validation_every": "0",
+            "lr_find_min": "1e-6", "lr_find_max": "1e-2", "lr_find_steps": "12", "learning_rate": "1e-4"}
+    argv = ["lr-find", str(ROOT / "configs" / "tiny.yaml")]
+    for k, v in sets.items():
+        argv += ["--set", f"{k}={v}"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    res = json.loads((tmp_path / "lr_find.json").read_text())
+    assert res["diverged_at"] is None and len(res["lrs"]) == 12
+    assert res["warning"] and f"fluxlab: warning: {res['warning']}" in err
+    assert res["suggested_lr"] <= LR_FIND_MAX_FACTOR * 1e-4
+    assert f"suggested learning_rate {res['suggested_lr']:.2e}" in out
+    assert (tmp_path / "lr_find.png").stat().st_size > 0
