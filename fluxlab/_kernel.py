@@ -30,7 +30,7 @@ class QuietKernelManager(AsyncKernelManager):
         return os.path.join(self._ipc_dir, "ipc")
 
     async def _async_interrupt_kernel(self) -> None:
-        if self.shutting_down:  # a graceful shutdown request follows; the kernel is idle
+        if getattr(self, "shutting_down", False):  # a graceful shutdown request follows; the kernel is idle
             return
         await super()._async_interrupt_kernel()
 

@@ -125,3 +125,15 @@ def test_cache_stats_and_verify_default_to_the_folder_train_uses(lora_dir, home,
     assert main(["cache", "verify"]) == 0
     checked = int(re.search(r"checked (\d+) entries", capsys.readouterr().out).group(1))
     assert checked > 0
+
+
+@pytest.mark.slow
+def test_inference_session_notebook_takes_the_lora(lora_dir, home, tmp_path):
+    from fluxlab import notebook
+
+    env = {"FLUXLAB_STORE": str(tmp_path / "store.db"), "FLUXLAB_HOME": str(home), "TRITON_INTERPRET": "1"}
+    res = notebook.run("inference_session", "ci", {"lora": str(lora_dir), "lora_scale": "0.5"},
+                       runs_dir=tmp_path / "runs", env=env)
+    assert res.ok, res.error
+    assert res.records and all(r["params"]["lora"] == str(lora_dir) and r["params"]["lora_scale"] == 0.5
+                               for r in res.records)
