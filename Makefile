@@ -25,10 +25,10 @@ setup: $(VENV)/.installed
 demo: setup
 	$(PY) -m fluxlab doctor
 	$(PY) -m fluxlab tiny build runs/demo/tiny --seed 0
-	$(PY) -m fluxlab data sample runs/demo/sample
-	$(PY) -m fluxlab data shapes runs/demo/shapes --n 32 --seed 0
-	$(PY) -m fluxlab data validate runs/demo/sample
-	$(PY) -m fluxlab data validate runs/demo/shapes
+	$(PY) -m fluxlab data sample data/sample/images
+	$(PY) -m fluxlab data shapes data/shapes --n 64 --seed 0
+	$(PY) -m fluxlab data validate data/sample/images
+	$(PY) -m fluxlab data validate data/shapes
 	$(PY) -m fluxlab generate --model runs/demo/tiny --prompt "a large red circle at the center" --out runs/demo/generated.png
 	$(PY) -m fluxlab results import benchmarks/results/
 	$(PY) -m fluxlab notebook run-all --preset ci
@@ -43,7 +43,7 @@ test-kernels: setup
 
 test-notebooks: setup
 	@if [ -d tests/notebooks ] && ls tests/notebooks/test_*.py >/dev/null 2>&1; then \
-		$(PY) -m pytest tests/notebooks -q -p no:cacheprovider; \
+		$(PY) -m pytest tests/notebooks tests/browser -v -rs -p no:cacheprovider; \
 	else echo "no notebook tests yet"; fi
 
 # The GPU suite (compiled Triton kernels, cuDNN/flash attention; on an H100/H200) and its store record

@@ -59,14 +59,28 @@ def _add_generate(sub) -> None:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
+    p.add_argument("--max-sequence-length", type=int, default=512, help="T5 tokens of the prompt (1..512)")
+    p.add_argument("--lora", default=None, metavar="PATH",
+                   help="a LoRA .safetensors file or a training output_dir (loaded with load_lora_weights)")
+    p.add_argument("--lora-scale", type=float, default=1.0, metavar="S",
+                   help="multiplies the LoRA's trained strength (1: as trained, 0: the base model)")
     p.add_argument("--out", default="runs/generate.png")
 
     def run(a):
-        from fluxlab import models
+        import io
 
-        path = models.generate_image(a.model, a.prompt, steps=a.steps, size=a.size, seed=a.seed,
-                                     device=a.device, out=a.out)
-        print(f"image written to {path}")
+        from fluxlab._atomic import atomic_write_bytes
+        from fluxlab.inference import InferenceSession, to_pil
+
+        if a.lora_scale != 1.0 and not a.lora:
+            raise UserError("--lora-scale needs --lora PATH (the LoRA to scale)")
+        session = InferenceSession(a.model, a.device, steps=a.steps, size=a.size,
+                                   max_sequence_length=a.max_sequence_length, lora=a.lora, lora_scale=a.lora_scale)
+        image, _ = session.generate(a.prompt, a.seed)  # [3, size, size] in [0, 1]
+        buf = io.BytesIO()
+        to_pil(image).save(buf, format="PNG")
+        path = atomic_write_bytes(a.out, buf.getvalue())
+        print(f"image written to {path}" + (f" (LoRA {session.lora} at scale {a.lora_scale:g})" if a.lora else ""))
         return 0
 
     p.set_defaults(func=run)
@@ -135,13 +149,18 @@ def _add_cache(sub) -> None:
     b.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE")
     b.add_argument("--json", action="store_true")
     st = s.add_parser("stats", help="print cache sizes and counters")
-    st.add_argument("cache_dir")
     ve = s.add_parser("verify", help="check every entry; evict corrupt ones")
-    ve.add_argument("cache_dir")
+    for q in (st, ve):
+        q.add_argument("cache_dir", nargs="?", default=None,
+                       help="the cache folder (default: the one `train` uses, $FLUXLAB_HOME/cache)")
 
     def run(a):
         from fluxlab import caches
 
+        if a.cache_cmd != "build" and a.cache_dir is None:
+            from fluxlab.config import default_cache_dir
+
+            a.cache_dir = str(default_cache_dir())
         if a.cache_cmd == "build":
             return caches.cli_build(a.config, parse_pairs(a.overrides), as_json=a.json)
         if a.cache_cmd == "stats":
@@ -171,10 +190,37 @@ def _add_results(sub) -> None:
     def run(a):
         from fluxlab import store
 
+        if a.results_cmd == "list":
+            return _results_list(a.store)
         return store.cli(a)
 
     for q in (p,):
         q.set_defaults(func=run)
+
+
+def _results_list(store_path) -> int:
+    """`fluxlab results list`: one row per record under a header; a record without a verdict is a
+    plain measurement (no comparison), shown as `measured`."""
+    from fluxlab import store
+
+    try:
+        recs = store.query(store_path)
+    except store.StoreError as e:
+        print(f"fluxlab: error: {e}", file=sys.stderr)
+        return 2
+    if not recs:
+        print(f"no records in {store_path or store.default_store_path()}")
+        return 0
+    head = ("utc", "benchmark", "device", "verdict", "ratio", "95% CI", "id")
+    rows = [(str(r.get("utc") or "?")[:19], str(r["benchmark"]), str(r.get("device_name") or r.get("device") or "-"),
+             "measured" if r.get("verdict") is None else str(r["verdict"]),
+             "-" if r.get("ratio") is None else f"{r['ratio']:.3f}",
+             "-" if r.get("ci_low") is None else f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", r["id"][:8])
+            for r in recs]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    for r in (head, tuple("-" * w for w in widths), *rows):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return 0
 
 
 # --- notebook ---------------------------------------------------------------

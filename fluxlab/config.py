@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,13 +35,37 @@ class ConfigError(ValueError):
     """A config value or combination the user must change; the message names the field."""
 
 
+class ConfigWarning(UserWarning):
+    """A setting that works but probably not as meant; shown as one `fluxlab: warning:` line."""
+
+
+_format_warning = warnings.formatwarning
+
+
+def _one_line(message, category, filename, lineno, line=None) -> str:
+    # A ConfigWarning is about the user's config, not about the line of fluxlab that noticed it:
+    # no "file.py:123: UserWarning" and no echoed source line.
+    if issubclass(category, ConfigWarning):
+        return f"fluxlab: warning: {message}\n"
+    return _format_warning(message, category, filename, lineno, line)
+
+
+warnings.formatwarning = _one_line
+
+
+def default_cache_dir() -> Path:
+    """$FLUXLAB_HOME/cache (default ~/.cache/fluxlab/cache): where `train` and `cache` keep caches."""
+    return Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab")) / "cache"
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     # --- what to train on ---------------------------------------------------------------------
     model: str = "tiny"
     """A preset (tiny, flux1-dev, flux1-schnell) or a folder saved with FluxPipeline.save_pretrained."""
     data: str = "data/shapes"
-    """Folder of image + caption (.txt) pairs (see `fluxlab data validate`)."""
+    """Folder of image + caption (.txt) pairs (see `fluxlab data validate`). The default is the
+    synthetic set `fluxlab data shapes data/shapes --n 64 --seed 0` writes (`make demo` runs it)."""
     output_dir: str = "runs/train"
     """LoRA, checkpoints/, metrics.jsonl and curves land here."""
     cache_dir: str = ""
@@ -70,7 +96,10 @@ class TrainConfig:
     rank: int = 4
     """LoRA rank r."""
     lora_alpha: float = 0.0
-    """LoRA alpha; 0 means alpha = rank (scale 1), as diffusers' FLUX LoRA script does."""
+    """LoRA alpha (the adapter's scale is alpha / rank); 0 means alpha = rank, scale 1 at any rank.
+    This differs from diffusers' train_dreambooth_lora_flux.py, whose --lora_alpha defaults to 4 for
+    every rank (scale 4 / rank): set lora_alpha=4 to train as that script does. The saved LoRA
+    records alpha and rank, so `load_lora_weights` loads it at the trained scale either way."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input path."""
     target_modules: list[str] = field(default_factory=lambda: list(FLUX_ATTENTION_MODULES))
@@ -82,7 +111,10 @@ class TrainConfig:
     learning_rate: float = 1e-4
     """Peak learning rate of AdamW."""
     lr_scheduler: str = "constant"
-    """constant | linear | cosine (decay to 0 at `steps`), after `lr_warmup_steps` linear warm-up."""
+    """constant | linear | cosine (decay to 0 at `steps`), each after `lr_warmup_steps` of linear
+    warm-up. Unlike diffusers' script, whose `constant` ignores --lr_warmup_steps, fluxlab's
+    `constant` warms up first: it is diffusers' `constant_with_warmup` (and equals its `constant`
+    when lr_warmup_steps=0)."""
     lr_warmup_steps: int = 0
     """Linear warm-up steps."""
     adam_beta1: float = 0.9
@@ -162,9 +194,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if not self.cache_dir:  # derived: one shared, content-addressed cache per machine
-            import os
-            home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
-            self.cache_dir = str(home / "cache")
+            self.cache_dir = str(default_cache_dir())
         self.validate()
 
     # Derived values -----------------------------------------------------------------------------
@@ -247,13 +277,12 @@ class TrainConfig:
             need(device.type == "cuda", "quantize",
                  f"{self.quantize} base weights (bitsandbytes) need a CUDA GPU; set quantize=none on the CPU")
         if self.lr_warmup_steps > self.steps:
-            import warnings
             warnings.warn(f"lr_warmup_steps ({self.lr_warmup_steps}) > steps ({self.steps}): the learning rate "
-                          f"never reaches learning_rate", stacklevel=2)
-        if self.use_kernels and device.type != "cuda":
-            import warnings
-            warnings.warn("use_kernels on the CPU runs Triton kernels only under TRITON_INTERPRET=1 (slow)",
-                          stacklevel=2)
+                          f"never reaches learning_rate", ConfigWarning, stacklevel=2)
+        if self.use_kernels and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            # Interpreted on purpose (tests, CI notebooks) is not worth a warning; forgetting it is.
+            warnings.warn("use_kernels on the CPU needs TRITON_INTERPRET=1 (Triton's interpreter, slow) set "
+                          "before fluxlab starts; set it, or use_kernels=false", ConfigWarning, stacklevel=2)
 
     def check_dataset_size(self, n_images: int, world_size: int = 1) -> None:
         """Refuse a run whose optimizer step needs more images than the dataset holds."""

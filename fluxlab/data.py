@@ -278,7 +278,8 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
     """Validate `root`; also return the usable (image, caption) pairs, sorted by path."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist (or is not a folder)")
+        raise FileNotFoundError(f"dataset folder {root} does not exist (or is not a folder); make the synthetic "
+                                f"shapes set there with: fluxlab data shapes {root} --n 64 --seed 0")
     err: list[Issue] = []
     warn: list[Issue] = []
     images: list[Path] = []

@@ -8,6 +8,7 @@ An audit returns a list of problems (empty = clean), each naming the parameter, 
 from __future__ import annotations
 
 import importlib
+import re
 from typing import Callable, Sequence
 
 import numpy as np
@@ -49,22 +50,74 @@ class GradFlowTracker:
         names = list(self.layers)
         return (np.stack(self._rows, axis=1) if self._rows else np.empty((len(names), 0))), names
 
-    def heatmap(self, ax=None):
-        """log10 gradient norm per layer (rows) and step (columns)."""
-        import matplotlib.pyplot as plt
+    def heatmap(self, ax=None, *, group: str = "auto", max_layers: int = 24):
+        """Gradient L2 norm per row and step on a log colour scale; returns the axes.
 
-        m, names = self.matrix()
-        ax = ax or plt.subplots(figsize=(8, max(2.5, 0.18 * len(names))))[1]
-        with np.errstate(divide="ignore"):
-            img = ax.imshow(np.log10(m), aspect="auto", interpolation="nearest", cmap="viridis")
-        ax.figure.colorbar(img, ax=ax, label="log10 ‖grad‖")
-        if len(names) <= 60:  # beyond that the labels are unreadable anyway
-            ax.set_yticks(range(len(names)), names, fontsize=6)
-        ax.set_xticks(range(len(self.steps))[:: max(1, len(self.steps) // 10)],
-                      self.steps[:: max(1, len(self.steps) // 10)])
+        group: "layer" (one row per tracked layer), "block" (the layers of one transformer block
+        combined, sqrt(sum of squared norms)), or "auto" (layers up to `max_layers`, else blocks).
+        Cells with a gradient of exactly 0 are grey and cells with no gradient (`.grad` None) red;
+        a legend under the plot says so.
+        """
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import ListedColormap, LogNorm
+        from matplotlib.patches import Patch
+        from matplotlib.ticker import MaxNLocator
+
+        m, names = self.matrix()                                             # [layers, steps]
+        if group == "auto":
+            group = "layer" if len(names) <= max_layers else "block"
+        if group not in ("layer", "block"):
+            raise ValueError(f"heatmap(group=...) must be 'auto', 'layer' or 'block', got {group!r}")
+        if group == "block":
+            m, names = _by_block(m, names)                                   # [blocks, steps]
+        labels = [_short(n) for n in names]
+        ax = ax or plt.subplots(figsize=(7.5, max(2.8, 0.17 * len(labels) + 1.8)), layout="constrained")[1]
+        pos = m[m > 0]
+        norm = LogNorm(vmin=pos.min(), vmax=max(pos.max(), pos.min() * 10)) if pos.size else None
+        img = ax.imshow(np.ma.masked_where(~(m > 0), m), aspect="auto", interpolation="nearest", cmap="viridis",
+                        norm=norm)
+        special = np.where(m == 0, 0.0, np.where(np.isnan(m), 1.0, np.nan))  # 0: exactly zero, 1: no grad
+        ax.imshow(np.ma.masked_invalid(special), aspect="auto", interpolation="nearest",
+                  cmap=ListedColormap(["0.75", "tab:red"]), vmin=0, vmax=1)
+        ax.figure.colorbar(img, ax=ax, label="gradient L2 norm (log scale)")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_formatter(lambda x, _: str(self.steps[int(x)]) if 0 <= int(x) < len(self.steps) else "")
         ax.set_xlabel("step")
-        ax.set_title("gradient flow")
+        ax.set_ylabel("layer" if group == "layer" else "block (its layers' norms combined)")
+        ax.set_title(f"gradient flow: {len(labels)} {group}s x {m.shape[1]} steps")
+        ax.legend(handles=[Patch(color="0.75", label="gradient exactly 0 (e.g. LoRA A while B is still 0)"),
+                           Patch(color="tab:red", label="no gradient (.grad is None)")],
+                  loc="upper center", bbox_to_anchor=(0.5, -0.18 if len(labels) < 12 else -0.06), ncol=2,
+                  fontsize=7, frameon=False)
         return ax
+
+
+_BLOCK = re.compile(r"^(?:.*\.)?((?:single_)?transformer_blocks\.\d+)(?:\.|$)")
+
+
+def _block_of(name: str) -> str:
+    """The transformer block a layer belongs to (its first name component outside any block)."""
+    hit = _BLOCK.match(name)
+    return hit.group(1) if hit else name.split(".")[0]
+
+
+def _by_block(m: np.ndarray, names: list[str]) -> tuple[np.ndarray, list[str]]:
+    """Rows of the same block combined: sqrt(sum of squares); NaN where no layer had a gradient."""
+    blocks = list(dict.fromkeys(_block_of(n) for n in names))
+    out = np.full((len(blocks), m.shape[1]), np.nan)
+    for i, b in enumerate(blocks):
+        rows = m[[j for j, n in enumerate(names) if _block_of(n) == b]]
+        seen = ~np.isnan(rows).all(axis=0)
+        out[i, seen] = np.sqrt(np.nansum(rows[:, seen] ** 2, axis=0))
+    return out, blocks
+
+
+def _short(name: str) -> str:
+    """transformer_blocks.3.attn.to_q.lora_A.default -> double 3 attn.to_q.lora_A."""
+    name = re.sub(r"^single_transformer_blocks\.(\d+)\.?", r"single \1 ", name)
+    name = re.sub(r"^transformer_blocks\.(\d+)\.?", r"double \1 ", name)
+    return name.replace(".default", "").strip()
 
 
 # --- audits -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,6 +32,12 @@ from fluxlab.models import compile_blocks, default_device, default_dtype, load_p
 
 QUANT_MODES = ("none", "nf4", "int8")
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0, "p99.9": 99.9}
+
+
+def min_samples(q: float) -> int:
+    """Samples a q-th percentile needs to say more than "the largest sample": n >= 1 / (1 - q/100),
+    so that on average one sample lies above it (p90: 10, p99: 100, p99.9: 1000)."""
+    return math.ceil(1.0 / (1.0 - q / 100.0) - 1e-9)
 STAGES = ("encode", "denoise", "decode")
 MiB = 2**20
 
@@ -270,6 +277,20 @@ class LatencyReport:
     def n(self) -> int:
         return len(self.samples_s)
 
+    def supported_percentiles_s(self) -> dict[str, float]:
+        """The percentiles these n samples support (`min_samples`); the others are interpolations
+        between the top samples and are left out of tables, plots and metrics."""
+        return {k: v for k, v in self.percentiles_s.items() if self.n >= min_samples(PERCENTILES[k])}
+
+    def percentile_note(self) -> str:
+        """What n supports, e.g. "n=6 supports p50; p90 needs n >= 10"."""
+        have = list(self.supported_percentiles_s())
+        missing = [k for k in self.percentiles_s if k not in have]
+        note = f"n={self.n} supports {', '.join(have) or 'no percentile'}"
+        if missing:
+            note += f"; {missing[0]} needs n >= {min_samples(PERCENTILES[missing[0]])}"
+        return note
+
     def stage_split(self) -> dict[str, dict[str, float]]:
         """Median seconds and share of the median total per stage."""
         total = float(np.median(self.samples_s))
@@ -277,25 +298,31 @@ class LatencyReport:
                 for k, v in self.stages_s.items()}
 
     def metrics(self) -> dict:
-        return {"n": self.n, **{f"{k}_s": v for k, v in self.percentiles_s.items()}, "mean_s": self.mean_s,
+        return {"n": self.n, **{f"{k}_s": v for k, v in self.supported_percentiles_s().items()},
+                "percentiles_note": self.percentile_note(), "mean_s": self.mean_s,
                 "std_s": self.std_s, "outliers": self.outliers, "outlier_rule": self.outlier_rule,
                 "warmup_s": self.warmup_s, "stages": self.stage_split()}
 
     def plot(self, ax=None):
-        """Histogram of the samples with percentile lines and outliers marked; returns the axes."""
+        """Histogram of the samples with the supported percentiles and outliers marked; returns the axes."""
         import matplotlib.pyplot as plt
 
-        ax = ax or plt.subplots(figsize=(7, 3.5))[1]
+        from fluxlab.plots import plain_numbers
+
+        ax = ax or plt.subplots(figsize=(7, 3.5), layout="constrained")[1]
         ms = np.asarray(self.samples_s) * 1e3
         ax.hist(ms, bins=min(30, max(5, self.n // 2)), color="#7a9cc6", edgecolor="white")
-        for (name, v), style in zip(self.percentiles_s.items(), ("-", "--", "-.", ":", ":")):
+        for (name, v), style in zip(self.supported_percentiles_s().items(), ("-", "--", "-.", ":", ":")):
             ax.axvline(v * 1e3, color="k", linestyle=style, linewidth=1, label=f"{name} {v * 1e3:.1f} ms")
         if self.outliers:
             ax.plot(ms[self.outliers], np.zeros(len(self.outliers)), "rv", label="outlier (3σ)")
         ax.set_xlabel("generation wall time (ms)")
-        ax.set_ylabel("count")
-        ax.set_title(f"latency over {self.n} generations (warm-up excluded)")
-        ax.legend(fontsize=7)
+        ax.set_ylabel("generations")
+        ax.set_title(f"latency over {self.n} generations (warm-up excluded)\n{self.percentile_note()}", fontsize=10)
+        ax.yaxis.get_major_locator().set_params(integer=True)
+        plain_numbers(ax)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         return ax
 
 
@@ -374,6 +401,36 @@ class DeterminismReport:
         return self.identical and self.differs
 
 
+# --- LoRA ------------------------------------------------------------------------------------
+LORA_ADAPTER = "lora"
+
+
+def lora_file(path: str | os.PathLike) -> Path:
+    """The LoRA file at `path`: a .safetensors file, or a folder holding `fluxlab train`'s output."""
+    from fluxlab.trainer import LORA_FILE
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / LORA_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"{path}: no LoRA there; pass a .safetensors file or a training output_dir "
+                                f"holding {LORA_FILE} (`fluxlab train CONFIG` writes it at the end)")
+    return p
+
+
+def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0) -> Path:
+    """Load a diffusers-format LoRA into `pipe` with stock `load_lora_weights` and set its scale.
+
+    The file's adapter metadata gives the trained alpha / rank; `scale` multiplies on top
+    (1: as trained, 0: the base model). Returns the file loaded.
+    """
+    p = lora_file(path)
+    with _quiet("diffusers.loaders.lora_base"):  # "no LoRA keys for CLIPTextModel": none are trained
+        pipe.load_lora_weights(str(p.parent), weight_name=p.name, adapter_name=LORA_ADAPTER)
+    pipe.set_adapters([LORA_ADAPTER], adapter_weights=[float(scale)])
+    return p
+
+
 # --- the session -----------------------------------------------------------------------------
 class InferenceSession:
     """One pipeline plus its options; generates, and measures latency, memory, leaks, determinism.
@@ -385,7 +442,8 @@ class InferenceSession:
     def __init__(self, model: str = "tiny", device: str | None = None, dtype: torch.dtype | None = None, *,
                  kernels: bool = False, compile: bool = False, quantize: str = "none", fuse_qkv: bool = False,
                  steps: int = 4, size: int = 64, guidance: float = 3.5, max_sequence_length: int = 512,
-                 compile_mode: str | None = None, compile_backend: str = "inductor", pipe=None, seed: int = 0):
+                 compile_mode: str | None = None, compile_backend: str = "inductor", pipe=None, seed: int = 0,
+                 lora: str | os.PathLike | None = None, lora_scale: float = 1.0):
         self.device = torch.device(device or default_device())
         self.dtype = dtype or default_dtype(self.device)
         if quantize not in QUANT_MODES:
@@ -399,6 +457,12 @@ class InferenceSession:
             raise ValueError(f"size must be a positive multiple of 16 (VAE /8, then 2x2 packing), got {size!r}")
         if not 1 <= max_sequence_length <= 512:
             raise ValueError(f"max_sequence_length must be in 1..512 (FLUX's T5 limit), got {max_sequence_length}")
+        if lora:
+            lora_file(lora)  # a wrong path fails here, before minutes of loading
+            if fuse_qkv:
+                raise ValueError("lora and fuse_qkv cannot be combined (fusing would drop the LoRA on q/k/v); "
+                                 "set fuse_qkv=False")
+        self.lora, self.lora_scale = (str(lora) if lora else None), float(lora_scale)
         self.model, self.kernels, self.compile, self.quantize = str(model), kernels, compile, quantize
         self.fuse_qkv, self.compile_mode, self.compile_backend, self.seed = fuse_qkv, compile_mode, compile_backend, seed
         self.steps, self.size, self.guidance, self.max_sequence_length = steps, size, guidance, max_sequence_length
@@ -414,7 +478,9 @@ class InferenceSession:
                 "kernels": self.kernels, "compile": self.compile, "compile_mode": self.compile_mode,
                 "compile_backend": self.compile_backend,
                 "quantize": self.quantize, "fuse_qkv": self.fuse_qkv, "steps": self.steps, "size": self.size,
-                "guidance": self.guidance, "max_sequence_length": self.max_sequence_length}
+                "guidance": self.guidance, "max_sequence_length": self.max_sequence_length,
+                # only with a LoRA, so records without one keep their series key
+                **({"lora": self.lora, "lora_scale": self.lora_scale} if self.lora else {})}
 
     def load(self):
         """Build or load the pipeline and apply the options (quantize, fuse, kernels, compile)."""
@@ -427,6 +493,8 @@ class InferenceSession:
         tr = pipe.transformer
         if self.quantize != "none" and not getattr(tr, "is_quantized", False) and not self.quantized_layers:
             self.quantized_layers = quantize_transformer(tr, self.quantize, self.dtype)
+        if self.lora:  # before kernels / compile, which must see the LoRA layers
+            load_lora(pipe, self.lora, self.lora_scale)
         if self.fuse_qkv:
             with torch.no_grad():
                 tr.fuse_qkv_projections()

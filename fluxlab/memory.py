@@ -399,3 +399,50 @@ def run_leak_zoo(steps: int = 24, *, warmup: int = 6, horizon: int = 1000,
             rows.append({"name": name, "variant": variant, "leak": verdict.leak, "expected": expected,
                          "ok": verdict.leak == expected, "slope": verdict.slope, "reason": verdict.reason})
     return rows
+
+
+# --- plots ------------------------------------------------------------------------------------
+PANEL_TITLES = {"allocated": "CUDA allocated", "reserved": "CUDA reserved", "peak": "CUDA peak within the step",
+                "rss": "process RSS", "heap": "malloc heap in use", "tensors": "live tensor bytes"}
+
+
+def plot_trace(samples: list[dict], *, warmup: int = 0, keys=None, title: str = "memory per step"):
+    """One panel per metric of a MemoryTracer's samples, in MiB, warm-up shaded; returns the Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from fluxlab.plots import plain_numbers
+
+    keys = keys or [k for k in samples[0] if k != "step" and any(s.get(k) is not None for s in samples)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.3 * len(keys), 2.9), squeeze=False, layout="constrained")
+    for ax, key in zip(axes[0], keys):
+        pts = [(s["step"], s[key] / 2**20) for s in samples if s.get(key) is not None]
+        ax.plot(*zip(*pts), "o-", ms=3)
+        if warmup:
+            ax.axvspan(samples[0]["step"] - 0.5, samples[min(warmup, len(samples)) - 1]["step"] + 0.5, color="0.9")
+        ax.set_title(PANEL_TITLES.get(key, key), fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("MiB")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        plain_numbers(ax)
+    fig.suptitle(title + (" (grey: warm-up, left out of the leak fit)" if warmup else ""), fontsize=10)
+    return fig
+
+
+def plot_stages(profile: StageProfile, title: str = "memory by stage"):
+    """Start / peak / end of each stage of a StageProfile, in MiB; returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    from fluxlab.plots import plain_numbers
+
+    fig, ax = plt.subplots(figsize=(6, 2.9), layout="constrained")
+    x = np.arange(len(profile.stages))
+    for off, name in ((-0.25, "start"), (0, "peak"), (0.25, "end")):
+        ax.bar(x + off, [getattr(s, name) / 2**20 for s in profile.stages], width=0.25, label=name)
+    ax.set_xticks(x, [s.name for s in profile.stages])
+    ax.set_xlabel("stage")
+    ax.set_ylabel("MiB (CUDA allocated, CPU RSS)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    plain_numbers(ax)
+    return fig

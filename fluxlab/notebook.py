@@ -238,7 +238,8 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
             # so the kernel is this environment's interpreter.
             papermill.execute_notebook(str(nb_path), str(output), parameters=params, kernel_name="python3",
                                        progress_bar=progress, cwd=str(nb_path.parent),
-                                       execution_timeout=timeout, request_save_on_cell_execute=False)
+                                       execution_timeout=timeout, request_save_on_cell_execute=False,
+                                       kernel_manager_class="fluxlab._kernel.QuietKernelManager")
     except Exception as exc:  # PapermillExecutionError, a dead kernel, a timeout...
         return False, _error_of(exc)
     return True, ""
@@ -282,18 +283,26 @@ def _fmt(x, spec=".3f") -> str:
 
 
 def verdict_table(records: list[dict], results: list[RunResult] | None = None) -> str:
-    """(notebook, benchmark, verdict, ratio, 95% CI) per record, plus a line for each run that
-    failed or recorded nothing."""
-    rows = [(str(r.get("notebook") or "-"), str(r.get("benchmark")), str(r.get("verdict")),
-             _fmt(r.get("ratio")),
-             "-" if r.get("ci_low") is None else f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]")
+    """(notebook, benchmark, verdict, ratio, 95% CI, reason) per record, plus a line for each run
+    that failed or recorded nothing. The reason is the record's `metrics.reason`; an `inconclusive`
+    row without one says so rather than leaving the reader to guess."""
+    def reason(r: dict) -> str:
+        why = str((r.get("metrics") or {}).get("reason") or "")
+        if not why and r.get("verdict") == "inconclusive":
+            return "(no reason recorded)"
+        return " ".join(why.split())  # one line per row
+
+    rows = [(str(r.get("notebook") or "-"), str(r.get("benchmark")),
+             "measured" if r.get("verdict") is None else str(r.get("verdict")), _fmt(r.get("ratio")),
+             "-" if r.get("ci_low") is None else f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
+             reason(r))
             for r in records]
     for res in results or []:
         if not res.ok:
-            rows.append((res.name, "(notebook failed)", "error", "-", res.error[:60]))
+            rows.append((res.name, "(notebook failed)", "error", "-", "-", " ".join(res.error.split())[:200]))
         elif not res.records:
-            rows.append((res.name, "(no records)", "-", "-", "-"))
-    head = ("notebook", "benchmark", "verdict", "ratio", "95% CI")
+            rows.append((res.name, "(no records)", "-", "-", "-", ""))
+    head = ("notebook", "benchmark", "verdict", "ratio", "95% CI", "reason")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
@@ -317,12 +326,14 @@ def grid_cells(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
 
 
-def cell_key(params: dict, preset: str) -> str:
-    """A stable, readable file name for one grid cell: the varied values plus a short hash of
-    the whole parameter set (so two sweeps over different fixed values never collide)."""
+def cell_key(params: dict, preset: str, swept=None) -> str:
+    """A stable, readable file name for one grid cell: the swept keys' values (`swept`, in grid
+    order; all parameters when None), then a short hash of the whole parameter set, so two sweeps
+    over different fixed values never collide. Each value is cut to 40 characters, never a key."""
     text = json.dumps({"preset": preset, **params}, sort_keys=True, default=str)
-    slug = re.sub(r"[^A-Za-z0-9.=-]+", "-", "_".join(f"{k}={v}" for k, v in sorted(params.items())))[:80]
-    return f"{slug.strip('-')}_{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    keys = list(swept) if swept is not None else sorted(params)
+    parts = [re.sub(r"[^A-Za-z0-9._=-]+", "-", f"{k}={str(params[k])[:40]}").strip("-") for k in keys]
+    return f"{'__'.join(parts) or 'defaults'}__{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def gpu_ids() -> list[str]:
@@ -363,7 +374,7 @@ def sweep(name: str | os.PathLike, preset: str = "full", grid: dict[str, list] |
     todo = []
     for i, varied in enumerate(cells):
         params = {**base, **varied}
-        key = cell_key(params, preset)
+        key = cell_key(params, preset, swept=list(grid or {}))
         status_file, output = out_dir / f"{key}.json", out_dir / f"{key}.ipynb"
         prev = {}
         if status_file.exists():

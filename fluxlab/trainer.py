@@ -85,8 +85,17 @@ class TrainResult:
     cache_stats: dict = field(default_factory=dict)
     data_wait_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
-    lora_sha256_per_rank: list[str] = field(default_factory=list)
+    adapter_sha256_per_rank: list[str] = field(default_factory=list)
+    """Per rank, sha256 of the trainable parameters (names + fp32 bytes): equal on every rank when
+    DDP kept the replicas in sync. A hash of tensors in memory, not of the file (lora_file_sha256)."""
+    lora_file_sha256: str | None = None
+    """sha256 of the saved LoRA file's bytes (None until it is written)."""
     writes_per_rank: list[list[str]] = field(default_factory=list)
+
+    @property
+    def lora_sha256_per_rank(self) -> list[str]:
+        """Former name of adapter_sha256_per_rank (it never hashed the file); kept for old readers."""
+        return self.adapter_sha256_per_rank
 
 
 # --- the objective ------------------------------------------------------------------------------
@@ -677,7 +686,9 @@ class Trainer:
         result.steps_done = self.global_step
         if not result.interrupted:
             result.lora_path = self.save_lora()
-            result.lora_sha256_per_rank = _gather(self._lora_digest())
+            result.adapter_sha256_per_rank = _gather(self._lora_digest())
+            if is_main and result.lora_path is not None:
+                result.lora_file_sha256 = hashlib.sha256(result.lora_path.read_bytes()).hexdigest()
             if is_main:
                 self._plot_curves()
         result.writes_per_rank = _gather(list(self.written))
@@ -687,6 +698,7 @@ class Trainer:
             summary = {k: v for k, v in dataclasses.asdict(result).items()
                        if k not in ("losses", "patch_report", "data_wait_s")}
             summary["patch_report"] = repr(self.patch_report) if self.patch_report is not None else None
+            summary["lora_sha256_per_rank"] = summary["adapter_sha256_per_rank"]  # former name, for old readers
             self._write_json(self.out / "train_summary.json", summary)
         _barrier()
         return result
@@ -803,9 +815,16 @@ class Trainer:
             path = atomic_write_bytes(self.out / "sparse_delta.safetensors", save(state))
             self.written.append(str(path))
             return path
+        from diffusers.training_utils import _collate_lora_metadata
+
+        # The adapter's LoraConfig (rank, alpha, targets) goes into the file's metadata, as
+        # train_dreambooth_lora_flux.py writes it: without it, load_lora_weights guesses alpha
+        # and the LoRA loads at the wrong strength whenever lora_alpha != rank.
+        metadata = _collate_lora_metadata({"transformer": self.transformer})
         with tempfile.TemporaryDirectory(dir=self.out, prefix=".lora-") as tmp:
-            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True)
-            os.replace(Path(tmp) / LORA_FILE, self.out / LORA_FILE)
+            FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True, **metadata)
+            # Through the atomic writer: durable, and the usual file mode (safetensors writes 0600).
+            atomic_write_bytes(self.out / LORA_FILE, (Path(tmp) / LORA_FILE).read_bytes())
         self.written.append(str(self.out / LORA_FILE))
         return self.out / LORA_FILE
 
@@ -1012,6 +1031,9 @@ class Trainer:
 
 
 # --- lr-find ------------------------------------------------------------------------------------
+LR_FIND_MAX_FACTOR = 10.0  # a sweep that never diverged suggests at most this x the config's learning_rate
+
+
 @dataclass
 class LRFindResult:
     lrs: list[float]
@@ -1021,12 +1043,44 @@ class LRFindResult:
     steepest_lr: float | None
     diverged_at: float | None
     plot_path: Path | None
+    warning: str | None = None
+    """Why the suggestion is weak (the sweep never diverged, or the loss never fell); None otherwise."""
+
+
+def suggest_lr(lrs, smoothed, diverged_at: float | None, current_lr: float,
+               max_factor: float = LR_FIND_MAX_FACTOR) -> tuple[float, float | None, str | None]:
+    """(suggested lr, steepest-descent lr, warning) from a range test's smoothed loss curve.
+
+    Diverged: the lr at the smoothed minimum / 10 (the minimum sits just below the blow-up).
+    Never diverged: that minimum is only where the sweep stopped, so /10 means nothing; suggest the
+    steepest descent of the smoothed loss over log(lr), capped at `max_factor` x `current_lr` since
+    the ceiling was never found. A loss that never fell gives `current_lr` back.
+    """
+    lrs, smoothed = np.asarray(lrs, dtype=float), np.asarray(smoothed, dtype=float)
+    k = int(np.argmin(smoothed))
+    steepest = None
+    if k >= 2:  # a slope needs a few points before the minimum (np.gradient refuses one)
+        grad = np.gradient(smoothed[: k + 1], np.log(lrs[: k + 1]))
+        steepest = float(lrs[int(np.argmin(grad))])
+    if diverged_at is not None:
+        return float(lrs[k] / 10), steepest, None
+    span = f"{lrs[0]:.1e}..{lrs[-1]:.1e}"
+    # "Fell": the minimum lies clearly below the start (1%), not within the noise of a flat curve.
+    if steepest is None or smoothed[k] > 0.99 * smoothed[0]:
+        return float(current_lr), steepest, (
+            f"the loss never fell over the sweep ({span}); no suggestion, keeping learning_rate {current_lr:.2e}")
+    cap = max_factor * current_lr
+    suggested = min(steepest, cap)
+    return float(suggested), steepest, (
+        f"the sweep never diverged (up to {lrs[-1]:.1e}), so its ceiling is unknown; suggesting the steepest "
+        f"descent {steepest:.2e}" + (f", capped at {max_factor:g}x learning_rate = {cap:.2e}" if steepest > cap else "")
+        + "; raise lr_find_max to find where it diverges")
 
 
 def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindResult:
     """Learning-rate range test: lr grows exponentially from lr_find_min to lr_find_max over
-    lr_find_steps; stop when the smoothed loss exceeds `divergence` x its best. Suggests the lr at
-    the smoothed minimum / 10 (robust), and reports the steepest-descent lr too."""
+    lr_find_steps; stop when the smoothed loss exceeds `divergence` x its best. The suggestion is
+    `suggest_lr`'s: minimum / 10 after a divergence, else the bounded steepest descent (with a warning)."""
     from torch.optim.lr_scheduler import LambdaLR
 
     tr = Trainer(cfg, pipe=pipe).setup()
@@ -1053,13 +1107,8 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
         if not math.isfinite(loss) or s > divergence * best:
             diverged = out["lr"]
             break
-    k = int(np.argmin(smoothed))
-    suggested = lrs[k] / 10
-    steepest = None
-    if k >= 2:  # a slope needs a few points before the minimum (np.gradient refuses one)
-        grad = np.gradient(np.array(smoothed[: k + 1]), np.log(np.array(lrs[: k + 1])))
-        steepest = float(lrs[int(np.argmin(grad))])
-    res = LRFindResult(lrs, losses, smoothed, float(suggested), steepest, diverged, None)
+    suggested, steepest, warning = suggest_lr(lrs, smoothed, diverged, cfg.learning_rate)
+    res = LRFindResult(lrs, losses, smoothed, suggested, steepest, diverged, None, warning)
     if tr.rank == 0:
         tr.out.mkdir(parents=True, exist_ok=True)
         tr._write_json(tr.out / "lr_find.json", {k: v for k, v in dataclasses.asdict(res).items() if k != "plot_path"})
@@ -1070,16 +1119,21 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(lrs, losses, alpha=0.4, label="loss")
-        ax.plot(lrs, smoothed, lw=2, label="smoothed")
+        ax.plot(lrs, smoothed, lw=2, label="smoothed (EMA 0.9)")
         ax.axvline(suggested, color="g", ls="--", label=f"suggested {suggested:.1e}")
+        if steepest:
+            ax.axvline(steepest, color="0.5", ls=":", label=f"steepest descent {steepest:.1e}")
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
-        ax.set_ylabel("loss")
-        ax.legend()
+        ax.set_ylabel("training loss")
+        ax.set_title("learning-rate range test" + ("" if diverged else " (never diverged)"))
+        ax.legend(fontsize=8)
         fig.tight_layout()
         res.plot_path = tr.out / "lr_find.png"
-        fig.savefig(res.plot_path, dpi=100)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
         plt.close(fig)
+        atomic_write_bytes(res.plot_path, buf.getvalue())
     tr.close()
     return res
 
@@ -1121,5 +1175,7 @@ def cli_lr_find(config_path: str, overrides: dict[str, str]) -> int:
         msg += f" (steepest descent at {res.steepest_lr:.2e})"
     if res.diverged_at:
         msg += f"; diverged at {res.diverged_at:.2e}"
+    if res.warning:
+        print(f"fluxlab: warning: {res.warning}", file=sys.stderr)
     print(msg + (f"\n  plot: {res.plot_path}" if res.plot_path else ""))
     return 0

@@ -191,5 +191,6 @@ def test_cli_list_and_reading_a_missing_store(db, capsys):
     assert "no records" in capsys.readouterr().out and not db.exists()  # listing creates nothing
     a, _ = _two_records(db)
     assert cli.main(["results", "--store", str(db), "list"]) == 0
-    out = capsys.readouterr().out.splitlines()
+    head, rule, *out = capsys.readouterr().out.splitlines()  # a header and its rule, then the records
+    assert head.split() == ["utc", "benchmark", "device", "verdict", "ratio", "95%", "CI", "id"] and set(rule) <= {"-", " "}
     assert len(out) == 2 and "rope.fwd" in out[0] and "faster" in out[0] and a["id"][:8] in out[0]
