@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import re
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fluxlab import memory
 from fluxlab.models import compile_blocks, default_device, default_dtype, load_pipeline
 
 QUANT_MODES = ("none", "nf4", "int8")
@@ -193,48 +193,6 @@ def kernels_available() -> bool:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _rss() -> int:
-    """Resident set size in bytes; /proc first, since the GPU box may lack psutil."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        import psutil
-
-        return psutil.Process(os.getpid()).memory_info().rss
-
-
-def memory_now(device: torch.device) -> dict:
-    """Allocated / reserved / peak bytes on a CUDA device; RSS (and None elsewhere) on the CPU."""
-    if device.type == "cuda":
-        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
-                "peak": torch.cuda.max_memory_allocated(device), "rss": _rss()}
-    rss = _rss()
-    return {"allocated": None, "reserved": None, "peak": None, "rss": rss}
-
-
-class _RssPeak:
-    """Samples RSS every few ms on a thread: the CPU has no peak counter to reset per stage."""
-
-    def __init__(self, interval_s: float = 0.005):
-        self.interval_s, self.peak, self._stop = interval_s, _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, _rss())
-            self._stop.wait(self.interval_s)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
 
 
 @dataclass
@@ -610,40 +568,31 @@ class InferenceSession:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def vram_stages(self, budgets: dict | None = None, prompt: str = "a red circle", seed: int = 0) -> VramStages:
-        """Memory at baseline (before loading), loaded, peak during one generation, after cleanup.
+        """Memory at baseline (before loading), loaded, peak during one generation, after cleanup,
+        read by fluxlab.memory's one sampler and stage profiler.
 
         `budgets` maps stage name (loaded, peak, after_cleanup, or `cleanup_leftover` = after_cleanup
-        minus loaded) to bytes. On the CPU the metric is RSS and the peak is sampled on a thread.
+        minus loaded) to bytes. On the CPU the metric is RSS, and the peak is the kernel's high-water
+        mark since the stage began (where /proc allows resetting it; else bounded by start and end).
         """
         dev, metric = self.device, self._metric()
         gc.collect()
-        stages = {}
-
-        def snap(name, peak=None):
-            _sync(dev)
-            m = memory_now(dev)
-            m["value"] = m[metric] if peak is None else peak
-            stages[name] = m
-
-        if self._prepared:
-            stages["baseline"] = {"value": None, "note": "session was already loaded; no baseline"}
-        else:
-            self._reset_peak()
-            snap("baseline")
-        self.load()
-        snap("loaded")
-        self._reset_peak()
-        with _RssPeak() as rss_peak:
+        _sync(dev)
+        stages = {"baseline": ({"value": None, "note": "session was already loaded; no baseline"} if self._prepared
+                               else {**memory.sample(dev), "value": memory.sample(dev)[metric]})}
+        profile = memory.stage_profile(device=dev)
+        with profile.stage("load"):
+            self.load()
+        with profile.stage("generate"):
             image, _ = self.generate(prompt, seed)
-            _sync(dev)
-        peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else rss_peak.peak
-        snap("peak", peak=peak)
-        del image
-        gc.collect()
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-        self._reset_peak()
-        snap("after_cleanup")
+            del image
+        with profile.stage("cleanup"):
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        gen = profile["generate"]
+        stages["loaded"] = {**memory.sample(dev), "value": profile["load"].end}
+        stages["peak"] = {"value": gen.peak, "peak_exact": gen.peak_exact}
+        stages["after_cleanup"] = {**memory.sample(dev), "value": profile["cleanup"].end}
         derived = {"cleanup_leftover": stages["after_cleanup"]["value"] - stages["loaded"]["value"]}
         checks = []
         for name, budget in (budgets or {}).items():
@@ -663,8 +612,6 @@ class InferenceSession:
         growth projected over the `n` generations exceeds `budget_bytes`. gc runs before each
         reading, so only memory that something still references counts.
         """
-        from fluxlab.memory import leak_verdict
-
         if n < 3:
             raise ValueError(f"leak_test needs n >= 3 generations to fit a trend, got {n}")
         from tqdm.auto import tqdm
@@ -678,11 +625,11 @@ class InferenceSession:
             del image
             gc.collect()
             _sync(self.device)
-            now = memory_now(self.device)
+            now = memory.sample(self.device)
             values.append(int(now[metric]))
             if now["peak"] is not None:
                 peaks.append(int(now["peak"]))
-        trend = leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes)
+        trend = memory.leak_verdict(values, warmup=0, horizon=n, budget_bytes=budget_bytes)
         return LeakReport(metric=metric, values=values, growth_bytes=values[-1] - values[0],
                           budget_bytes=float(budget_bytes), verdict="leak" if trend.leak else "pass", peaks=peaks,
                           slope=trend.to_dict())

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import ctypes
 import gc
+import os
 import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,9 +69,9 @@ def live_tensor_bytes() -> int:
             if not issubclass(type(obj), torch.Tensor) or obj.device.type != "cpu" or obj.is_sparse:
                 continue
             storage = obj.untyped_storage()
+            ptr = storage.data_ptr()  # FakeTensors left by torch.compile have none
         except (RuntimeError, ReferenceError, NotImplementedError):  # exotic tensor subclasses, dead proxies
             continue
-        ptr = storage.data_ptr()
         if ptr and ptr not in seen:
             seen.add(ptr)
             total += storage.nbytes()
@@ -78,9 +79,14 @@ def live_tensor_bytes() -> int:
 
 
 def _rss() -> int:
-    import psutil  # CPU only: a bare GPU box may lack it, and the leak rule must not need it
+    """Resident set size in bytes; /proc first, since a bare GPU box may lack psutil."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import psutil
 
-    return psutil.Process().memory_info().rss
+        return psutil.Process(os.getpid()).memory_info().rss
 
 
 def _reset_peak_rss() -> bool:
@@ -100,6 +106,16 @@ def _peak_rss() -> int | None:
     except OSError:
         pass
     return None
+
+
+# --- the one sampler ----------------------------------------------------------------------------
+def sample(device) -> dict:
+    """One memory reading. CUDA: allocated, reserved and peak (since the last reset) bytes, plus
+    the process RSS; CPU: RSS and C-heap bytes in use (peak None: the CPU has no peak counter)."""
+    if _is_cuda(device):
+        return {"allocated": torch.cuda.memory_allocated(device), "reserved": torch.cuda.memory_reserved(device),
+                "peak": torch.cuda.max_memory_allocated(device), "rss": _rss()}
+    return {"allocated": None, "reserved": None, "peak": None, "rss": _rss(), "heap": heap_bytes()}
 
 
 # --- per-step traces --------------------------------------------------------------------------
@@ -132,18 +148,18 @@ class MemoryTracer:
     def step(self, i: int | None = None) -> dict:
         if self.collect:
             gc.collect(1)
-        sample: dict = {"step": len(self.samples) if i is None else i}
+        row: dict = {"step": len(self.samples) if i is None else i}
         if self.cuda:
             torch.cuda.synchronize(self.device)
-            sample.update(allocated=torch.cuda.memory_allocated(self.device),
-                          reserved=torch.cuda.memory_reserved(self.device),
-                          peak=torch.cuda.max_memory_allocated(self.device))
+            now = sample(self.device)
+            row.update(allocated=now["allocated"], reserved=now["reserved"], peak=now["peak"])
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            sample.update(rss=_rss(), heap=heap_bytes(),
-                          tensors=live_tensor_bytes() if self.scan_tensors or _MALLINFO2 is None else None)
-        self.samples.append(sample)
-        return sample
+            now = sample(self.device)
+            row.update(rss=now["rss"], heap=now["heap"],
+                           tensors=live_tensor_bytes() if self.scan_tensors or _MALLINFO2 is None else None)
+        self.samples.append(row)
+        return row
 
     def values(self, key: str | None = None) -> list[float]:
         key = key or self.metric
@@ -354,14 +370,14 @@ def _metric_list(steps: int, leaky: bool) -> list[float]:
     of Python floats."""
     model, tracer = _tiny_model(), MemoryTracer("cpu", scan_tensors=False)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-    metrics: dict = {"per_sample_loss": [] if leaky else collections.deque(maxlen=100)}
+    metrics: dict = {"per_rowloss": [] if leaky else collections.deque(maxlen=100)}
     for i in range(steps):
         x, y = torch.randn(256, 64), torch.randn(256, 1)
         per_sample = (model(x) - y).pow(2).expand(256, 64)  # [B, 64]: a per-sample, per-feature metric
         opt.zero_grad(set_to_none=True)
         per_sample.mean().backward()
         opt.step()
-        metrics["per_sample_loss"].append(per_sample.detach().clone() if leaky else per_sample.mean().item())
+        metrics["per_rowloss"].append(per_sample.detach().clone() if leaky else per_sample.mean().item())
         tracer.step(i)
     return tracer.values()
 

@@ -295,27 +295,3 @@ def load_pipeline(path_or_preset: str | os.PathLike = "tiny", device: str | torc
     path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
     pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
     return pipe.to(device)
-
-
-def generate_image(model: str, prompt: str, *, steps: int = 4, size: int = 64, seed: int = 0,
-                   device: str | None = None, out: str | os.PathLike = "runs/generate.png") -> Path:
-    """One short generation, saved as PNG (the demo's end-to-end check)."""
-    pipe = load_pipeline(model, device=device)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    image = pipe(prompt, height=size, width=size, num_inference_steps=steps, generator=gen,
-                 max_sequence_length=64).images[0]
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
-    return out
-
-
-if __name__ == "__main__":
-    import sys
-
-    if sys.argv[1:] == ["retrain-tokenizers"]:
-        out = Path(__file__).parent / TOKENIZER_ASSETS
-        clip_tok, t5_tok = train_tokenizers()
-        clip_tok.save_pretrained(out / "clip")
-        t5_tok.save_pretrained(out / "t5")
-        print(f"tokenizers written to {out}")

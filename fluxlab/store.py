@@ -347,18 +347,8 @@ def series(records: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:
 
 
 def cli(args) -> int:
-    """`fluxlab results list|export|import|harvest` (see fluxlab.cli._add_results)."""
+    """`fluxlab results export|import|harvest` (`results list` is `fluxlab.cli._results_list`)."""
     try:
-        if args.results_cmd == "list":
-            recs = query(args.store)
-            if not recs:
-                print(f"no records in {_path(args.store)}")
-            for r in recs:
-                ratio = "-" if r.get("ratio") is None else f"{r['ratio']:.3f}"
-                ci = "" if r.get("ci_low") is None else f" [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
-                print(f"{r.get('utc', '?')[:19]}  {r['benchmark']:<32} {str(r.get('device_name') or r.get('device')):<24} "
-                      f"{str(r.get('verdict')):<14} {ratio}{ci}  {r['id'][:8]}")
-            return 0
         if args.results_cmd == "export":
             recs = query(args.store)
             text = export_records("json" if args.json else "csv", records=recs)

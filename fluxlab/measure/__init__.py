@@ -9,11 +9,3 @@
 Memory (one sampler, one stage profiler, one leak rule) lives in `fluxlab.memory`.
 `fluxlab.bench` re-exports the public names, which users and tests rely on.
 """
-
-from fluxlab.measure.evidence import (ATTENTION_KERNELS, Evidence, Expect, attention_backends,  # noqa: F401
-                                      family_pattern, matches)
-from fluxlab.measure.history import change_points  # noqa: F401
-from fluxlab.measure.rates import achieved, measure_ceilings  # noqa: F401
-from fluxlab.measure.timing import Measurement, Timer, run, time_fn, time_interleaved  # noqa: F401
-from fluxlab.measure.verdict import (MAGNITUDE, P_THRESHOLD, VERDICTS, Comparison, compare, decide,  # noqa: F401
-                                     min_p_value)

@@ -39,6 +39,7 @@ def test_results_list_has_a_header_and_no_none_verdicts(tmp_path, capsys):
     db = tmp_path / "s.db"
     store.record("infer/latency", verdict=None, samples=[1.0, 2.0], store=db, display=False)
     store.record("rope.fwd", verdict="faster", ratio=1.31, ci_low=1.2, ci_high=1.4, samples=[1.0], store=db,
+                 metrics={"evidence": {"ran": True, "reason": "rope +1"}},
                  display=False)
     assert cli.main(["results", "--store", str(db), "list"]) == 0
     head, rule, *rows = capsys.readouterr().out.splitlines()
