@@ -160,19 +160,5 @@ class Evidence:
                    fallbacks=fb, kernel_names=matched, reason="; ".join(problems) or f"ran in {calls} call(s): {ok_reason}",
                    checked=checked, calls=calls, expect=expect.to_dict())
 
-    @classmethod
-    def from_counters(cls, before: dict, after: dict, families: Sequence[str], *,
-                      fallbacks: dict | None = None, kernel_names: Sequence[str] = ()) -> "Evidence":
-        """One-shot evidence from two counter snapshots: a family ran when its counter moved or a
-        profiled name fully matches its kernel pattern."""
-        delta = {f: counter_delta(before, after, f) for f in families}
-        names = sorted(set(kernel_names))
-        fb = {k: v for k, v in (fallbacks or {}).items() if any(_under(k, f) for f in families)}
-        missing = [f for f in families if delta[f] <= 0 and not any(matches([family_pattern(f)], names).values())]
-        reason = "; ".join(f"{f}: counter did not move and no kernel named like it"
-                           + (f" (fallback: {fb[f]})" if f in fb else "") for f in missing)
-        return cls(ran=not missing, counters=delta, fallbacks=fb, kernel_names=names, checked="one-shot",
-                   reason=reason or f"ran: {', '.join(f'{f} x{delta[f]}' for f in families)}")
-
     def to_dict(self) -> dict:
         return asdict(self)

@@ -137,21 +137,25 @@ def test_compare_statistics_and_unverified_without_evidence():
 
 def test_did_not_run_wins_over_a_faster_timing():
     base, cand = _samples(11, mean=2.0), _samples(12)
-    idle = bench.Evidence.from_counters({"rope": 5}, {"rope": 5}, ["rope"], fallbacks={"rope": "TRITON off"})
+    expect = bench.Expect.families("rope")
+    idle = bench.Evidence.check(expect, deltas={"rope": 0}, calls=5, fallbacks={"rope": "TRITON off"})
     assert not idle.ran and "TRITON off" in idle.reason
     assert bench.compare(base, cand, evidence=idle).verdict == "did-not-run"
-    busy = bench.Evidence.from_counters({"rope.fwd": 5}, {"rope.fwd": 9, "adaln": 1}, ["rope"])
-    assert busy.ran and busy.counters == {"rope": 4}
+    busy = bench.Evidence.check(expect, deltas={"rope": 5}, calls=5)
+    assert busy.ran and busy.counters == {"rope": 5}
     assert bench.compare(base, cand, evidence=busy).verdict == "faster"
 
 
 # --- evidence: anchored patterns ----------------------------------------------------------------
 def test_kernel_names_are_matched_by_anchored_patterns():
-    ev = bench.Evidence.from_counters({}, {}, ["rope", "adaln"], kernel_names=["_fl_rope_kernel"])
-    assert not ev.ran and "adaln" in ev.reason and "rope:" not in ev.reason
+    expect = bench.Expect(kernels=[bench.family_pattern("rope")])
+    ev = bench.Evidence.check(expect, deltas={}, calls=1, names=["_fl_rope_kernel"], profiled=True)
+    assert ev.ran and ev.kernel_names == ["_fl_rope_kernel"]
     # A qk_norm_rope kernel is not evidence that the standalone rope family ran.
-    ev = bench.Evidence.from_counters({}, {}, ["rope"], kernel_names=["_fl_qk_norm_rope_fwd_kernel"])
+    ev = bench.Evidence.check(expect, deltas={}, calls=1, names=["_fl_qk_norm_rope_fwd_kernel"], profiled=True)
     assert not ev.ran
+    # Declared patterns with no profiled window are not evidence either.
+    assert not bench.Evidence.check(expect, deltas={}, calls=1, names=["_fl_rope_kernel"]).ran
     inductor = "triton_poi_fused__scaled_dot_product_cudnn_attention_backward_add_cat_transpose_view_7"
     cudnn = "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_cga1x1x1_kernel0_0"
     flash = "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128, 64, 4>, false>(pytorch_flash::Flash_fwd_params)"
@@ -236,7 +240,7 @@ def test_time_fn_rotates_inputs():
     assert seen == ["x", "x", "y", "x", "y", "x"]
 
 
-def test_collect_evidence_sees_a_disabled_path(monkeypatch):
+def test_a_disabled_path_reads_did_not_run(monkeypatch):
     counts: dict[str, int] = {}
     _fake_kernels(monkeypatch, counts)
 
@@ -244,11 +248,12 @@ def test_collect_evidence_sees_a_disabled_path(monkeypatch):
         import os
 
         if "rope" not in os.environ.get("FLUXLAB_DISABLE", ""):
-            counts["rope"] = counts.get("rope", 0) + 1
+            counts["rope.fwd"] = counts.get("rope.fwd", 0) + 1
 
-    assert bench.collect_evidence(rope, ["rope"]).ran
+    expect = {"fast": bench.Expect.families("rope")}
+    assert bench.run({"fast": rope}, repeats=3, warmup=0, clock="wall", expect=expect).evidence["fast"].ran
     monkeypatch.setenv("FLUXLAB_DISABLE", "rope")
-    ev = bench.collect_evidence(rope, ["rope"])
+    ev = bench.run({"fast": rope}, repeats=3, warmup=0, clock="wall", expect=expect).evidence["fast"]
     assert not ev.ran
     assert bench.compare(_samples(13, mean=1.5), _samples(14), evidence=ev).verdict == "did-not-run"
 
