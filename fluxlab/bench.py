@@ -17,3 +17,9 @@ from fluxlab.measure.verdict import (MAGNITUDE, P_THRESHOLD, VERDICTS, Compariso
                                      aa_false_positive_rate, bootstrap_ratio_ci, compare, decide,
                                      heavy_tailed_samples, lognormal_samples, min_p_value, power,
                                      simulate_verdicts, verdict_counts)
+
+__all__ = ["ATTENTION_KERNELS", "Comparison", "Evidence", "Expect", "MAGNITUDE", "Measurement", "P_THRESHOLD",
+           "Timer", "VERDICTS", "aa_false_positive_rate", "achieved", "attention_backends", "bootstrap_ratio_ci",
+           "change_points", "compare", "decide", "family_pattern", "heavy_tailed_samples", "is_cuda",
+           "lognormal_samples", "matches", "measure_ceilings", "min_p_value", "power", "run", "simulate_verdicts",
+           "time_fn", "time_interleaved", "verdict_counts"]
