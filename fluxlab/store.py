@@ -334,8 +334,14 @@ def harvest(runs_dir="runs", store=None) -> int:
 
 
 def series_key(rec: dict) -> tuple[str, str, str]:
-    """(benchmark, device, canonical params): only records with equal keys are comparable."""
-    return (rec["benchmark"], str(rec.get("device_name") or rec.get("device")), _canonical(rec.get("params") or {}))
+    """(benchmark, device, canonical params): only records with equal keys are comparable. The
+    clock that timed the samples counts as a parameter (`metrics.timing.clock`, set by
+    `bench.run`), so samples taken one way are never compared with samples taken another."""
+    params = dict(rec.get("params") or {})
+    timing = (rec.get("metrics") or {}).get("timing")
+    if isinstance(timing, dict) and timing.get("clock"):
+        params["_clock"] = timing["clock"]
+    return (rec["benchmark"], str(rec.get("device_name") or rec.get("device")), _canonical(params))
 
 
 def series(records: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:

@@ -173,6 +173,9 @@ def test_series_never_mixes_devices_or_params():
     groups = store.series(recs)
     assert len(groups) == 3
     assert [r["utc"] for r in groups[store.series_key(base)]] == ["2026-01-01", "2026-01-02"]
+    # Samples taken with another clock (do_bench then, blocked CUDA events now) are another series.
+    blocked = dict(base, utc="2026-01-03", metrics={"timing": {"clock": "blocked-events"}})
+    assert len(store.series(recs + [blocked])) == 4
 
 
 def test_comparison_records_with_its_statistics(db):
