@@ -198,7 +198,14 @@ def worker_forward(args) -> dict:
         for name in names:
             try:
                 model, info = _make_variant(tr, VARIANTS[name], args["compile_backend"])
-                fn = (lambda m: lambda inp: m(**inp, return_dict=False)[0])(model)
+                if VARIANTS[name].get("mode") == "reduce-overhead":
+                    # CUDA graphs replay into the same output buffer: mark each forward as a new step
+                    # and keep a copy, or the next replay overwrites the tensor this one returned.
+                    def fn(inp, m=model):
+                        torch.compiler.cudagraph_mark_step_begin()
+                        return m(**inp, return_dict=False)[0].clone()
+                else:
+                    fn = (lambda m: lambda inp: m(**inp, return_dict=False)[0])(model)
                 _sync(device)
                 t0 = time.perf_counter()
                 with inductor_config.patch(VARIANTS[name].get("inductor", {})):  # read at compile time
