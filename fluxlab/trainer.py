@@ -546,7 +546,26 @@ class Trainer:
                     self.val_items = [encode(i, True) for i in self.val_index]  # fixed: no augmentation
             _barrier()
         dlog.set_verbosity(verbosity)
+        if self.rank == 0:
+            from fluxlab.caches import report_evictions
+
+            report_evictions(latent_cache, text_cache)
+            self._warn_long_captions(pipe)
         self.cache_stats = {"latent": latent_cache.stats(), "text": text_cache.stats()}
+
+    def _warn_long_captions(self, pipe) -> None:
+        """Say which captions the T5 encoder truncates at max_sequence_length (their tail is ignored)."""
+        tok, limit = getattr(pipe, "tokenizer_2", None), self.cfg.max_sequence_length
+        if tok is None:
+            return
+        from fluxlab.errors import printable
+
+        long = [(Path(p).name, n) for p, cap in self.dataset.records
+                if (n := len(tok(cap, add_special_tokens=True)["input_ids"])) > limit]
+        if long:
+            shown = ", ".join(f"{printable(name)} ({n})" for name, n in long[:3]) + (" ..." if len(long) > 3 else "")
+            warnings.warn(f"{len(long)} caption(s) are longer than max_sequence_length={limit} T5 tokens and will "
+                          f"be truncated: {shown}; shorten them or raise max_sequence_length", stacklevel=2)
 
         self.batch_sampler = BucketBatchSampler([ds.bucket_of(i) for i in self.train_index], cfg.batch_size,
                                                 seed=cfg.seed, rank=self.rank, world_size=self.world, drop_last=True)
