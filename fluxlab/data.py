@@ -526,9 +526,9 @@ def make_shapes_dataset(dir: str | os.PathLike, n: int = 64, seed: int = 0, size
     (alternating), to exercise aspect buckets. Random flips would make "left"/"right" captions wrong.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise DatasetError(f"n must be at least 1, got {n}")
     if size < MIN_SIDE:
-        raise ValueError(f"size must be at least {MIN_SIDE} (validate rejects smaller images), got {size}")
+        raise DatasetError(f"size must be at least {MIN_SIDE} (validate rejects smaller images), got {size}")
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
     long_side = max(16, round(size * 1.5 / 16) * 16)
@@ -565,7 +565,7 @@ def aspect_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> l
     if step <= 0 or step % 16:
         raise ValueError(f"bucket step must be a positive multiple of 16 (8x VAE, 2x2 packing), got {step}")
     if resolution < step:
-        raise ValueError(f"resolution {resolution} is smaller than the bucket step {step}")
+        raise DatasetError(f"resolution {resolution} is smaller than the bucket step {step}")
     if max_ratio < 1:
         raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
     target = resolution * resolution
