@@ -444,6 +444,7 @@ class Trainer:
                     raise
                 self._say(f"fluxlab: skipping checkpoint {self._resume_ckpt.path}: {e}")
                 self._resume_ckpt = self._next_resume()
+        self._resume_ckpt = None  # loaded: free its tensors and optimizer state
         return self
 
     def _say(self, msg: str) -> None:
@@ -553,20 +554,6 @@ class Trainer:
             self._warn_long_captions(pipe)
         self.cache_stats = {"latent": latent_cache.stats(), "text": text_cache.stats()}
 
-    def _warn_long_captions(self, pipe) -> None:
-        """Say which captions the T5 encoder truncates at max_sequence_length (their tail is ignored)."""
-        tok, limit = getattr(pipe, "tokenizer_2", None), self.cfg.max_sequence_length
-        if tok is None:
-            return
-        from fluxlab.errors import printable
-
-        long = [(Path(p).name, n) for p, cap in self.dataset.records
-                if (n := len(tok(cap, add_special_tokens=True)["input_ids"])) > limit]
-        if long:
-            shown = ", ".join(f"{printable(name)} ({n})" for name, n in long[:3]) + (" ..." if len(long) > 3 else "")
-            warnings.warn(f"{len(long)} caption(s) are longer than max_sequence_length={limit} T5 tokens and will "
-                          f"be truncated: {shown}; shorten them or raise max_sequence_length", stacklevel=2)
-
         self.batch_sampler = BucketBatchSampler([ds.bucket_of(i) for i in self.train_index], cfg.batch_size,
                                                 seed=cfg.seed, rank=self.rank, world_size=self.world, drop_last=True)
         train_items = _CachedItems(items, base=ds if self._encode_every_step else None,
@@ -580,6 +567,20 @@ class Trainer:
             # Its own generator: each iter() draws a base seed, and from the global RNG that draw
             # would shift dropout masks whenever a resumed run re-creates the iterator.
             generator=torch.Generator().manual_seed(cfg.seed))
+
+    def _warn_long_captions(self, pipe) -> None:
+        """Say which captions the T5 encoder truncates at max_sequence_length (their tail is ignored)."""
+        tok, limit = getattr(pipe, "tokenizer_2", None), self.cfg.max_sequence_length
+        if tok is None:
+            return
+        from fluxlab.errors import printable
+
+        long = [(Path(p).name, n) for p, cap in self.dataset.records
+                if (n := len(tok(cap, add_special_tokens=True)["input_ids"])) > limit]
+        if long:
+            shown = ", ".join(f"{printable(name)} ({n})" for name, n in long[:3]) + (" ..." if len(long) > 3 else "")
+            warnings.warn(f"{len(long)} caption(s) are longer than max_sequence_length={limit} T5 tokens and will "
+                          f"be truncated: {shown}; shorten them or raise max_sequence_length", stacklevel=2)
 
     def _setup_model(self) -> None:
         cfg, tr = self.cfg, self.transformer
@@ -828,7 +829,7 @@ class Trainer:
         pending: list[dict] = []   # rows whose loss tensors are read (one sync) on logging steps
         self._iter = None
         profiler = self._make_profiler(start_step)
-        last_ckpt = None
+        last_ckpt = self._last_ckpt  # a run resumed at its last step trains nothing: that one stands
         try:
             while self.global_step < cfg.steps:
                 t0 = time.perf_counter()
@@ -1142,6 +1143,7 @@ class Trainer:
             raise CheckpointError(f"{sfile}: cannot be restored into this run ({type(e).__name__}: {e}); "
                                   f"{hint}") from e
         self.global_step = ckpt.step
+        self._last_ckpt = ckpt.path
         if self.rank == 0:
             print(f"fluxlab: resumed from {ckpt.path} at step {ckpt.step}", file=sys.stderr)
 
