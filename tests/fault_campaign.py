@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {"num_workers": 0, "progress": False, "max_sequence_length": 16, "batch_size": 2, "rank": 4,
             "lora_dropout": 0.1, "lr_warmup_steps": 2, "device": "cpu", "log_every": 1, "checkpoint_every": 1,
@@ -41,8 +43,17 @@ def _hidden_leftovers(out: Path) -> list[str]:
 
 
 def _lora_sha(out: Path) -> str | None:
+    """SHA-256 over the LoRA's tensor names and bytes (bitwise equality; file metadata aside)."""
+    from safetensors.torch import load_file
+
     f = out / "pytorch_lora_weights.safetensors"
-    return hashlib.sha256(f.read_bytes()).hexdigest() if f.exists() else None
+    if not f.exists():
+        return None
+    h = hashlib.sha256()
+    for name, t in sorted(load_file(str(f)).items()):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _train(cfg: Path, out: Path, resume: bool, env: dict, kill_after: float | None):
@@ -83,7 +94,7 @@ def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max
     cfg = write_config(work, steps)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     rng = random.Random(seed)
-    ref = work / "reference"
+    ref = work / "reference"  # a caller may have trained it already (same config, uninterrupted)
     if not _lora_sha(ref):
         rc, err = _train(cfg, ref, False, env, None)
         assert rc == 0, err[-2000:]
