@@ -350,7 +350,7 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
     n_ignored = 0
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if _is_hidden(rel) or not p.is_file():
+        if _is_hidden(rel) or not (p.is_file() or p.is_symlink()):
             continue
         target = p.resolve()
         if not target.is_relative_to(real_root):
@@ -358,6 +358,8 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
             err.append(Issue(rel.as_posix(), f"resolves outside the dataset folder (to {target})",
                              "copy the file into the dataset instead of linking to it, or remove the link"))
             continue
+        if not p.is_file():
+            continue  # a link to a folder inside the dataset (not descended) or a dangling link
         ext = p.suffix.lower()
         if ext in IMAGE_EXTS:
             images.append(p)
