@@ -56,18 +56,42 @@ def _lora_sha(out: Path) -> str | None:
     return h.hexdigest()
 
 
-def _train(cfg: Path, out: Path, resume: bool, env: dict, kill_after: float | None):
+def _last_step(out: Path) -> int:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        return int(json.loads(lines[-1])["step"]) if lines else 0
+    except (OSError, ValueError, KeyError, IndexError):
+        return 0  # absent, or a half-written last line
+
+
+def _train(cfg: Path, out: Path, resume: bool, env: dict, kill: tuple[int, float] | float | None):
+    """Run one `fluxlab train`. `kill`: None (run to the end), seconds (SIGKILL after that long), or
+    (step, jitter): SIGKILL `jitter` seconds after metrics.jsonl shows `step` (lands in steps,
+    checkpoint saves, retention, the final save and plotting). Returns (rc, stderr, step at kill)."""
+    import tempfile
+
     cmd = [sys.executable, "-m", "fluxlab", "train", str(cfg), "--set", f"output_dir={out}"]
     if resume:
         cmd += ["--resume", "latest"]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
+    with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: a full pipe would stall the child
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errf, text=True)
+        at = None
+        if isinstance(kill, tuple):
+            step, jitter = kill
+            while proc.poll() is None and _last_step(out) < step:
+                time.sleep(0.01)
+            time.sleep(jitter)
+        elif kill is not None:
+            try:
+                proc.wait(timeout=kill)
+            except subprocess.TimeoutExpired:
+                pass
+        if kill is not None and proc.poll() is None:
+            at = _last_step(out)
             os.kill(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate(timeout=600)
-    return proc.returncode, err
+        proc.wait(timeout=600)
+        errf.seek(0)
+        return proc.returncode, errf.read(), at
 
 
 def write_config(work: Path, steps: int) -> Path:
@@ -96,12 +120,12 @@ def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max
     rng = random.Random(seed)
     ref = work / "reference"  # a caller may have trained it already (same config, uninterrupted)
     if not _lora_sha(ref):
-        rc, err = _train(cfg, ref, False, env, None)
+        rc, err, _ = _train(cfg, ref, False, env, None)
         assert rc == 0, err[-2000:]
     want = _lora_sha(ref)
     counts = {"kills": 0, "chains": 0, "runs_completed_before_their_kill": 0, "resumes": 0, "corrupt_loads": 0,
               "failed_resumes": 0, "checkpoint_loads_checked": 0, "kills_that_left_hidden_temps": 0,
-              "leftovers": 0, "lora_mismatches": 0}
+              "leftovers": 0, "lora_mismatches": 0, "kills_by_phase": {}}
     while counts["kills"] < kills:
         c = counts["chains"]
         counts["chains"] += 1
@@ -110,7 +134,11 @@ def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max
         for _ in range(per_chain):
             if counts["kills"] >= kills:
                 break
-            rc, err = _train(cfg, out, started, env, rng.uniform(0.3, max_delay))
+            # Mostly kills timed by training progress (steps, saves, retention, the final save); a
+            # quarter at a random time, which mostly lands in start-up.
+            kill = (rng.uniform(0.3, max_delay) if rng.random() < 0.25
+                    else (rng.randint(min(_last_step(out) + 1, steps) if started else 1, steps), rng.uniform(0.0, 0.4)))
+            rc, err, at = _train(cfg, out, started, env, kill)
             counts["resumes"] += started
             started = True
             if rc == 0:  # finished before its kill: the chain ends with this run
@@ -122,6 +150,9 @@ def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max
                 log(f"chain {c}: run exited {rc}: {err[-1500:]}")
                 continue
             counts["kills"] += 1
+            where = ("start-up (no step yet)" if not at else "after the last step (final save)" if at >= steps
+                     else "during training")
+            counts["kills_by_phase"][where] = counts["kills_by_phase"].get(where, 0) + 1
             counts["kills_that_left_hidden_temps"] += bool(_hidden_leftovers(out))
             for _, p in checkpoints.list_checkpoints(out / "checkpoints"):
                 counts["checkpoint_loads_checked"] += 1
@@ -134,7 +165,7 @@ def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max
                 counts["corrupt_loads"] += 1
                 log(f"chain {c}: a resume skipped a checkpoint: {err[-1500:]}")
         if not done:
-            rc, err = _train(cfg, out, started, env, None)  # the last resume runs to the end
+            rc, err, _ = _train(cfg, out, started, env, None)  # the last resume runs to the end
             counts["resumes"] += started
             if rc != 0:
                 counts["failed_resumes"] += 1
