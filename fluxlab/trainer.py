@@ -115,8 +115,9 @@ def _holds_run(out: Path) -> list[str]:
     return found
 
 
-def check_output_dir(out: Path, *, resume, overwrite: bool) -> str:
-    """Refuse an output folder fluxlab must not write into; read-only.
+def check_output_dir(out: Path, *, resume, overwrite: bool, new_run: bool = True) -> str:
+    """Refuse an output folder fluxlab must not write into; read-only. `new_run=False` (lr-find)
+    accepts fluxlab's folder of an earlier run: it writes its own files beside that run's.
 
     Returns "new" (absent or empty), "owned" (marked by fluxlab) or "legacy" (an unmarked folder of
     an older fluxlab run, adopted only to resume it). Raises ConfigError naming output_dir.
@@ -134,7 +135,8 @@ def check_output_dir(out: Path, *, resume, overwrite: bool) -> str:
     if not entries:
         return "new"
     if RUN_MARKER not in entries:
-        known = set(RUN_OUTPUTS) | {"config.yaml", "loss.png", "lr.png", "grad_norm.png", "profile"}
+        known = set(RUN_OUTPUTS) | {"config.yaml", "loss.png", "lr.png", "grad_norm.png", "profile", "lr_find.json",
+                                    "lr_find.png"}
         ckpts = out / "checkpoints"
         legacy = (resume is not None and set(entries) <= known and ckpts.is_dir()
                   and any((d / checkpoints.MANIFEST_FILE).is_file() for _, d in checkpoints.list_checkpoints(ckpts)))
@@ -145,7 +147,7 @@ def check_output_dir(out: Path, *, resume, overwrite: bool) -> str:
                           f"other files ({shown}); fluxlab writes only into new, empty or its own folders: "
                           f"choose another output_dir")
     earlier = _holds_run(out)
-    if earlier and resume is None and not overwrite:
+    if earlier and resume is None and not overwrite and new_run:
         raise ConfigError(f"output_dir: {out} holds an earlier run ({', '.join(earlier)}); continue it with "
                           f"--resume latest, start over with --overwrite (moves it aside, deletes nothing), "
                           f"or choose another output_dir")
@@ -362,11 +364,12 @@ class _EpochTagged:
 # --- the trainer --------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, pipe=None, resume: str | os.PathLike | None = None,
-                 profile_steps: int = 0, overwrite: bool = False):
+                 profile_steps: int = 0, overwrite: bool = False, new_run: bool = True):
         self.cfg = cfg
         self._pipe = pipe                      # a preloaded FluxPipeline (tests reuse one); else loaded
         self.resume = resume                   # None | "latest" | checkpoint dir
         self.overwrite = overwrite             # move an earlier run in output_dir aside (never delete it)
+        self.new_run = new_run                 # False: lr-find, which writes beside an earlier run, not over it
         self.profile_steps = int(profile_steps)
         self.out = Path(cfg.output_dir)
         self.global_step = 0                   # optimizer steps done
@@ -386,7 +389,7 @@ class Trainer:
         self._resume_ckpt = None
         self._resume_candidates: list[Path] = []
         self._last_ckpt: Path | None = None
-        self._out_state = "new"
+        self._out_state: str | None = None    # new | owned | legacy, once check_output_dir ran
         # Non-finite guard, on the device so no step syncs: (first bad step, cause bits 1 loss | 2 grad).
         self._nonfinite = None
 
@@ -397,8 +400,11 @@ class Trainer:
 
     def _setup(self, with_data: bool) -> "Trainer":
         cfg = self.cfg
-        # Before anything is read or loaded: is output_dir a folder this run may write into?
-        self._out_state = check_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
+        # Before anything is read or loaded: is output_dir a folder this run may write into? (Timing
+        # set-ups without data never write there; `train` checks then, if it ever runs.)
+        if with_data:
+            self._out_state = check_output_dir(self.out, resume=self.resume, overwrite=self.overwrite,
+                                               new_run=self.new_run)
         self._init_distributed()
         self.rank, self.world = _rank(), _world()
         self.device = cfg.resolved_device(int(os.environ.get("LOCAL_RANK", 0)) if self.world > 1 else None)
@@ -813,6 +819,8 @@ class Trainer:
         result = TrainResult(final_loss=float("nan"), losses=[], lora_path=None, steps_done=self.global_step,
                              start_step=start_step, output_dir=self.out, patch_report=self.patch_report,
                              cache_stats=self.cache_stats)
+        if self._out_state is None:
+            self._out_state = check_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
         if is_main:
             for note in claim_output_dir(self.out, self._out_state, overwrite=self.overwrite):
                 self._say(f"fluxlab: {note}")
@@ -1300,7 +1308,7 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
     the smoothed minimum / 10 (robust), and reports the steepest-descent lr too."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    tr = Trainer(cfg, pipe=pipe).setup()
+    tr = Trainer(cfg, pipe=pipe, new_run=False).setup()
     n = cfg.lr_find_steps
     ratio = cfg.lr_find_max / cfg.lr_find_min
     for g in tr.optimizer.param_groups:
@@ -1332,7 +1340,7 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
         steepest = float(lrs[int(np.argmin(grad))])
     res = LRFindResult(lrs, losses, smoothed, float(suggested), steepest, diverged, None)
     if tr.rank == 0:
-        tr.out.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(tr.out, tr._out_state, overwrite=False)
         tr._write_json(tr.out / "lr_find.json", {k: v for k, v in dataclasses.asdict(res).items() if k != "plot_path"})
         import matplotlib
 

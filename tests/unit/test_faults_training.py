@@ -277,3 +277,15 @@ def test_three_random_kills_lose_nothing_and_leave_nothing(pipe, home, tmp_path)
     assert counts["kills"] == 3
     assert counts["corrupt_loads"] == counts["failed_resumes"] == counts["leftovers"] == 0, counts
     assert counts["lora_mismatches"] == 0, counts
+
+
+def test_lr_find_writes_beside_a_run_and_a_run_may_follow_it(pipe, shapes, tmp_path):
+    from fluxlab.trainer import lr_find
+
+    out = tmp_path / "run"
+    res = lr_find(_cfg(shapes, out, lr_find_steps=3), pipe=copy.deepcopy(pipe))
+    assert (out / "lr_find.json").exists() and (out / RUN_MARKER).exists() and len(res.lrs) >= 1
+    Trainer(_cfg(shapes, out, steps=1), pipe=copy.deepcopy(pipe)).setup().train()  # lr-find is not a run
+    assert (out / LORA_FILE).exists()
+    lr_find(_cfg(shapes, out, lr_find_steps=3), pipe=copy.deepcopy(pipe))  # and it never touches one
+    assert (out / LORA_FILE).exists() and (out / "train_summary.json").exists()
