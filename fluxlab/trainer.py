@@ -50,6 +50,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -176,8 +177,6 @@ def claim_output_dir(out: Path, state: str, *, overwrite: bool) -> list[str]:
     # Temp files of killed atomic writes (`.<name>.<random>.tmp`) and of a killed LoRA save.
     for p in list(out.glob(".*.tmp")) + list(out.glob(".lora-*")):
         if p.is_dir() and not p.is_symlink():
-            import shutil
-
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
@@ -1083,10 +1082,8 @@ class Trainer:
 
     def _next_resume(self):
         """Load the next resume candidate; with `latest`, skip (and name) each that fails."""
-        tried = 0
         while self._resume_candidates:
             path = self._resume_candidates.pop(0)
-            tried += 1
             try:
                 ckpt = checkpoints.load_checkpoint(path)  # CheckpointError names the bad file
             except CheckpointError as e:

@@ -5,7 +5,6 @@ report, wrong-kind cache entries, a corrupt entry evicted during training, and d
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import sqlite3
@@ -17,8 +16,7 @@ from PIL import Image
 
 from fluxlab import caches, store
 from fluxlab.cli import main
-from fluxlab.data import (MAX_CAPTION_BYTES, DatasetError, ImageCaptionDataset, make_shapes_dataset,
-                          validate_dataset)
+from fluxlab.data import MAX_CAPTION_BYTES, DatasetError, ImageCaptionDataset, validate_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,7 +135,7 @@ def test_a_jpeg_that_is_mostly_decoder_filler_is_an_error(tmp_path):
     full = (ds / "half.jpg").read_bytes()
     for keep in range(len(full) // 2, len(full), 40):
         _jpeg_missing_scan(ds / "half.jpg", keep)
-        frac = caches_free_filler(ds / "half.jpg")
+        frac = _filler(ds / "half.jpg")
         if 0.1 <= frac < 0.5:
             break
     report = validate_dataset(ds)
@@ -147,7 +145,7 @@ def test_a_jpeg_that_is_mostly_decoder_filler_is_an_error(tmp_path):
     assert "half.jpg" not in errors and "flat grey" in warns["half.jpg"]
 
 
-def caches_free_filler(path: Path) -> float:
+def _filler(path: Path) -> float:
     from fluxlab.data import _jpeg_filler_fraction
 
     with Image.open(path) as im:
