@@ -309,7 +309,7 @@ def apply_retention(root: str | os.PathLike, keep_last: int, protect=()) -> list
     files is never deleted (fluxlab did not write it). Only checkpoints that verify count towards `keep_last`, so a corrupt
     newest one never pushes out the last good one. Corrupt ones newer than the oldest kept stay
     (for inspection; `latest_checkpoint` names them); older corrupt ones go. Cost: every remaining
-    checkpoint is read and hashed once per call.
+    checkpoint is read, hashed and deserialized once per call.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")

@@ -100,7 +100,10 @@ def _forbidden_output(path: Path) -> str | None:
     p = path.expanduser().resolve()
     if p == Path(p.anchor):
         return "is the filesystem root"
-    home = Path.home().resolve()
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry: nothing to protect there
+        return None
     if p == home:
         return "is your home folder"
     if p in home.parents:
