@@ -67,13 +67,15 @@ def _last_step(out: Path) -> int:
 def _train(cfg: Path, out: Path, resume: bool, env: dict, kill: tuple[int, float] | float | None):
     """Run one `fluxlab train`. `kill`: None (run to the end), seconds (SIGKILL after that long), or
     (step, jitter): SIGKILL `jitter` seconds after metrics.jsonl shows `step` (lands in steps,
-    checkpoint saves, retention, the final save and plotting). Returns (rc, stderr, step at kill)."""
+    checkpoint saves, retention, the final save and plotting). Returns (rc, stderr, the step this
+    process had reached when killed: 0 while it was still starting up)."""
     import tempfile
 
     cmd = [sys.executable, "-m", "fluxlab", "train", str(cfg), "--set", f"output_dir={out}"]
     if resume:
         cmd += ["--resume", "latest"]
     with tempfile.TemporaryFile("w+") as errf:  # a file, not a pipe: a full pipe would stall the child
+        t0 = time.time()
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=errf, text=True)
         at = None
         if isinstance(kill, tuple):
@@ -87,7 +89,11 @@ def _train(cfg: Path, out: Path, resume: bool, env: dict, kill: tuple[int, float
             except subprocess.TimeoutExpired:
                 pass
         if kill is not None and proc.poll() is None:
-            at = _last_step(out)
+            try:  # this process has not touched metrics.jsonl yet: it was still starting up
+                fresh = (out / "metrics.jsonl").stat().st_mtime >= t0
+            except OSError:
+                fresh = False
+            at = _last_step(out) if fresh else 0
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=600)
         errf.seek(0)
@@ -137,7 +143,7 @@ def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max
             # Mostly kills timed by training progress (steps, saves, retention, the final save); a
             # quarter at a random time, which mostly lands in start-up.
             kill = (rng.uniform(0.3, max_delay) if rng.random() < 0.25
-                    else (rng.randint(min(_last_step(out) + 1, steps) if started else 1, steps), rng.uniform(0.0, 0.4)))
+                    else (min(steps, (_last_step(out) if started else 0) + rng.randint(1, 4)), rng.uniform(0.0, 0.4)))
             rc, err, at = _train(cfg, out, started, env, kill)
             counts["resumes"] += started
             started = True
@@ -188,7 +194,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kills", type=int, default=60)
     ap.add_argument("--per-chain", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--max-delay", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default="runs/fault_campaign")
