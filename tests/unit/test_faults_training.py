@@ -227,16 +227,20 @@ _SIGNAL_CHILD = textwrap.dedent("""
             if not fired and when(self):
                 fired.append(1)
                 os.killpg(os.getpgid(0), sig)  # the whole group, DataLoader workers included
+                if phase == "loop-twice":
+                    os.killpg(os.getpgid(0), sig)  # the impatient second Ctrl-C
             return real(self, *a, **k)
         setattr(T.Trainer, name, wrapped)
     {"start-up": lambda: hook("_load_pipeline"), "loop": lambda: hook("step", lambda s: s.global_step == 2),
+     "loop-twice": lambda: hook("step", lambda s: s.global_step == 2),
      "final-save": lambda: hook("save_lora"), "plotting": lambda: hook("_plot_curves")}[phase]()
     sys.exit(main(["train", cfg]))
 """)
 
 
 @pytest.mark.parametrize("phase,sig,workers", [
-    ("start-up", "SIGTERM", 0), ("loop", "SIGINT", 2), ("final-save", "SIGTERM", 0), ("plotting", "SIGINT", 0),
+    ("start-up", "SIGTERM", 0), ("loop", "SIGINT", 2), ("loop-twice", "SIGINT", 0), ("final-save", "SIGTERM", 0),
+    ("plotting", "SIGINT", 0),
 ])
 def test_a_signal_in_each_phase_ends_cleanly_with_128_plus_the_signal(shapes, home, tmp_path, phase, sig, workers):
     out = tmp_path / "run"
@@ -252,6 +256,11 @@ def test_a_signal_in_each_phase_ends_cleanly_with_128_plus_the_signal(shapes, ho
         assert not (out / "checkpoints").exists()
         return
     assert err.count(f"{sig} received") == 1, err[-3000:]  # once: from the main process alone
+    if phase == "loop-twice":  # aborted at once, mid-step: nothing half-written, nothing claimed
+        assert f"{sig} again: aborted at once at step 2" in err and "no checkpoint of this run" in err
+        assert not (out / "checkpoints").exists() and not (out / LORA_FILE).exists()
+        assert [p.name for p in out.glob(".*")] == [RUN_MARKER]
+        return
     path, skipped = checkpoints.latest_checkpoint(out / "checkpoints")
     assert path is not None and not skipped
     if phase == "loop":  # the step in flight finishes, its checkpoint is written, no final LoRA
