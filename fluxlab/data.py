@@ -445,9 +445,13 @@ def validate_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_P
     """Check image/caption pairing and every image; never raises on a bad file.
 
     Errors (the dataset cannot be used as is): unreadable, zero-byte, truncated or corrupt images,
-    decompression bombs (over `max_pixels`), images under `min_side` px, missing / empty /
-    non-UTF-8 captions, no images at all. Warnings: mode conversions (CMYK, 16-bit, palette,
-    alpha), captions with no image, duplicate files, extension/content mismatch.
+    JPEGs that are mostly decoder filler (missing scan data), decompression bombs (over
+    `max_pixels`), images under `min_side` px, missing / empty / non-UTF-8 captions, captions over
+    MAX_CAPTION_BYTES, with NUL bytes or no printable text, files or links that resolve outside
+    the dataset folder (never read), no images at all. Warnings: mode conversions (CMYK, 16-bit,
+    palette, alpha), captions with no image or with control characters, a JPEG tail of decoder
+    filler, duplicate files, extension/content mismatch. (The trainer also warns about captions
+    longer than max_sequence_length tokens: that needs the tokenizer.)
     """
     return _scan(root, max_pixels, min_side)[0]
 
