@@ -341,6 +341,15 @@ class _CachedItems(torch.utils.data.Dataset):
         return out
 
 
+def _worker_ignores_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C, a
+    scheduler's SIGTERM) must reach the main process alone, which finishes the step, checkpoints,
+    and shuts the workers down itself. (Torch's own worker SIGTERM handler would let the worker die,
+    and the main process then fails wherever it is, mid-checkpoint included.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(items: list[dict]) -> dict:
     out = {}
     for k in items[0]:
@@ -572,6 +581,7 @@ class Trainer:
             num_workers=workers, pin_memory=cfg.pin_memory and self.device.type == "cuda",
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             persistent_workers=cfg.persistent_workers and workers > 0,
+            worker_init_fn=_worker_ignores_signals if workers > 0 else None,
             # Its own generator: each iter() draws a base seed, and from the global RNG that draw
             # would shift dropout masks whenever a resumed run re-creates the iterator.
             generator=torch.Generator().manual_seed(cfg.seed))
@@ -811,7 +821,22 @@ class Trainer:
 
     def train(self) -> TrainResult:
         with self._handling_signals("finish"):  # a signal finishes the step, then checkpoints
-            return self._train()
+            try:
+                return self._train()
+            finally:
+                self._close_loader()
+
+    def _close_loader(self) -> None:
+        """Stop the DataLoader workers now, through the loader's own sentinel shutdown. They ignore
+        SIGTERM (see `_worker_ignores_signals`), so they must not be left to the interpreter's exit,
+        which terminates daemonic children with SIGTERM and would then wait for them forever."""
+        loader = getattr(self, "loader", None)
+        for it in (getattr(self, "_iter", None), getattr(loader, "_iterator", None)):
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+        self._iter = None
+        if loader is not None and hasattr(loader, "_iterator"):
+            loader._iterator = None
 
     def _train(self) -> TrainResult:
         cfg = self.cfg
@@ -911,6 +936,7 @@ class Trainer:
         _barrier()
 
     def close(self) -> None:
+        self._close_loader()
         if self._owns_process_group and _dist():
             _dist().destroy_process_group()
             self._owns_process_group = False
@@ -1177,7 +1203,7 @@ class Trainer:
             self._stop_requested, self.stop_signal = True, signum
             if self.rank == 0:
                 doing = ("letting the final save finish" if self._phase == "final save" else
-                         f"finishing step {self.global_step + 1}, then writing a checkpoint")
+                         "finishing the step in progress, then writing a checkpoint")
                 print(f"\nfluxlab: {signal.Signals(signum).name} received: {doing} "
                       f"(a second signal aborts at once)", file=sys.stderr, flush=True)
 
@@ -1319,19 +1345,22 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
     avg, best, diverged = 0.0, float("inf"), None
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n), desc="lr-find", disable=not cfg.progress):
-        micro = [tr._next_micro_batch() for _ in range(cfg.gradient_accumulation)]
-        out = tr.step(micro)
-        loss = out["loss"].item()
-        lrs.append(out["lr"])
-        losses.append(loss)
-        avg = 0.9 * avg + 0.1 * loss
-        s = avg / (1 - 0.9 ** (i + 1))  # bias-corrected EMA
-        smoothed.append(s)
-        best = min(best, s)
-        if not math.isfinite(loss) or s > divergence * best:
-            diverged = out["lr"]
-            break
+    try:
+        for i in tqdm(range(n), desc="lr-find", disable=not cfg.progress):
+            micro = [tr._next_micro_batch() for _ in range(cfg.gradient_accumulation)]
+            out = tr.step(micro)
+            loss = out["loss"].item()
+            lrs.append(out["lr"])
+            losses.append(loss)
+            avg = 0.9 * avg + 0.1 * loss
+            s = avg / (1 - 0.9 ** (i + 1))  # bias-corrected EMA
+            smoothed.append(s)
+            best = min(best, s)
+            if not math.isfinite(loss) or s > divergence * best:
+                diverged = out["lr"]
+                break
+    finally:
+        tr._close_loader()  # workers ignore SIGTERM: never leave them to the interpreter exit
     k = int(np.argmin(smoothed))
     suggested = lrs[k] / 10
     steepest = None

@@ -100,7 +100,7 @@ def _train(cfg: Path, out: Path, resume: bool, env: dict, kill: tuple[int, float
         return proc.returncode, errf.read(), at
 
 
-def write_config(work: Path, steps: int) -> Path:
+def write_config(work: Path, steps: int, workers: int = 0) -> Path:
     import yaml
 
     data = work / "shapes"
@@ -110,18 +110,18 @@ def write_config(work: Path, steps: int) -> Path:
         make_shapes_dataset(data, n=16, seed=0, size=64)
     base = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg = work / "campaign.yaml"
-    cfg.write_text(yaml.safe_dump({**base, **SETTINGS, "data": str(data), "steps": steps}))
+    cfg.write_text(yaml.safe_dump({**base, **SETTINGS, "data": str(data), "steps": steps, "num_workers": workers}))
     return cfg
 
 
 def campaign(work: Path, *, kills: int, per_chain: int = 6, steps: int = 10, max_delay: float = 8.0,
-             seed: int = 0, log=print) -> dict:
+             seed: int = 0, workers: int = 0, log=print) -> dict:
     """Kill chains (up to `per_chain` SIGKILLs each, then a resume to the end) until `kills`
     SIGKILLs have landed; return the counts (see module doc)."""
     from fluxlab import checkpoints
 
     work.mkdir(parents=True, exist_ok=True)
-    cfg = write_config(work, steps)
+    cfg = write_config(work, steps, workers)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     rng = random.Random(seed)
     ref = work / "reference"  # a caller may have trained it already (same config, uninterrupted)
@@ -197,12 +197,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=14)
     ap.add_argument("--max-delay", type=float, default=8.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the runs")
     ap.add_argument("--work", default="runs/fault_campaign")
     a = ap.parse_args()
     os.environ.setdefault("FLUXLAB_HOME", str(Path(a.work).resolve() / "home"))
     t0 = time.time()
     counts = campaign(Path(a.work).resolve(), kills=a.kills, per_chain=a.per_chain, steps=a.steps,
-                      max_delay=a.max_delay, seed=a.seed)
+                      max_delay=a.max_delay, seed=a.seed, workers=a.workers)
     counts["wall_s"] = round(time.time() - t0, 1)
     print(json.dumps(counts))
     bad = counts["corrupt_loads"] + counts["failed_resumes"] + counts["leftovers"] + counts["lora_mismatches"]

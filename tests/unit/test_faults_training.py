@@ -239,8 +239,8 @@ _SIGNAL_CHILD = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("phase,sig,workers", [
-    ("start-up", "SIGTERM", 0), ("loop", "SIGINT", 2), ("loop-twice", "SIGINT", 0), ("final-save", "SIGTERM", 0),
-    ("plotting", "SIGINT", 0),
+    ("start-up", "SIGTERM", 0), ("loop", "SIGTERM", 2), ("loop-twice", "SIGINT", 2), ("final-save", "SIGTERM", 2),
+    ("plotting", "SIGINT", 2),
 ])
 def test_a_signal_in_each_phase_ends_cleanly_with_128_plus_the_signal(shapes, home, tmp_path, phase, sig, workers):
     out = tmp_path / "run"
