@@ -26,9 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import stat
 import struct
 import sys
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,6 +40,7 @@ from typing import Any
 import torch
 
 from fluxlab._atomic import atomic_write_bytes  # noqa: F401  (also this module's public name)
+from fluxlab.errors import UserFileNotFound
 
 # Bump when the entry format or the key recipe changes: old entries then simply miss.
 FORMAT_VERSION = 1
@@ -126,11 +130,20 @@ def _encode_entry(key: str, tensors: dict[str, torch.Tensor], info: dict[str, st
 def read_entry(path: Path, key: str | None = None) -> dict[str, torch.Tensor]:
     """Load one entry and check it: parses, key matches its name, tensor bytes match their hash.
 
-    Raises CorruptEntry (naming the file) on any mismatch, FileNotFoundError when absent.
+    Raises CorruptEntry (naming the file) on any mismatch or when the path is not a regular file
+    (a folder or a link named like an entry), FileNotFoundError when absent.
     """
     from safetensors.torch import load
 
-    data = Path(path).read_bytes()
+    path = Path(path)
+    mode = path.lstat().st_mode  # lstat: never follow a link, never open a FIFO (it would block)
+    if not stat.S_ISREG(mode):
+        kind = "a folder" if stat.S_ISDIR(mode) else "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+        raise CorruptEntry(f"{path}: is {kind}, not a cache entry; run `fluxlab cache verify` to evict it")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise CorruptEntry(f"{path}: cannot be read ({e.strerror or e}); run `fluxlab cache verify` to evict it") from e
     try:
         (n,) = struct.unpack("<Q", data[:8])
         meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
@@ -166,7 +179,8 @@ class ContentCache:
         self.root = Path(cache_dir) / self.kind
         self.memory = memory
         self._mem: dict[str, dict[str, torch.Tensor]] = {}
-        self.corrupt_evicted: list[str] = []
+        self.corrupt_evicted: list[str] = []   # paths
+        self.corrupt_reasons: list[str] = []   # "path: why", one per eviction
         self.reset_stats()
 
     def reset_stats(self) -> None:
@@ -201,10 +215,11 @@ class ContentCache:
             return read_entry(path, key)
         except FileNotFoundError:
             return None
-        except CorruptEntry:
-            # A damaged entry is a miss: drop it and recompute rather than train on garbage.
-            path.unlink(missing_ok=True)
+        except CorruptEntry as e:
+            # A damaged entry is a miss: evict it and recompute rather than train on garbage.
+            moved = evict(path, self.root.parent)
             self.corrupt_evicted.append(str(path))
+            self.corrupt_reasons.append(str(e).split("; run")[0] + (f" (moved to {moved})" if moved else ""))
             return None
 
 
@@ -379,6 +394,24 @@ class PositionIdCache:
 
 
 # --- verification -------------------------------------------------------------------------------
+def evict(path: Path, cache_dir: Path) -> Path | None:
+    """Take a bad entry out of the cache. A regular file (fluxlab wrote it) is deleted; anything
+    else named like an entry (a folder, a link) fluxlab did not write, so it is moved, whole, to
+    `<cache_dir>/evicted/` rather than deleted. Returns where it went (None: deleted or gone)."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISREG(mode):
+        path.unlink(missing_ok=True)
+        return None
+    dest = Path(cache_dir) / "evicted" / f"{path.name}-{uuid.uuid4().hex[:8]}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(path), str(dest))
+    return dest
+
+
+
 def _entries(cache_dir: Path):
     for kind in KINDS:
         yield from sorted((cache_dir / kind).glob(f"*/*{ENTRY_SUFFIX}"))
@@ -391,7 +424,7 @@ def verify_cache(cache_dir: str | os.PathLike) -> dict:
     """
     cache_dir = Path(cache_dir)
     if not cache_dir.is_dir():
-        raise FileNotFoundError(f"{cache_dir}: no such cache directory; check the path "
+        raise UserFileNotFound(f"{cache_dir}: no such cache directory; check the path "
                                 f"(`fluxlab cache build CONFIG` creates it)")
     checked, corrupt, evicted = 0, [], 0
     for path in _entries(cache_dir):
@@ -399,13 +432,13 @@ def verify_cache(cache_dir: str | os.PathLike) -> dict:
         try:
             read_entry(path)
         except CorruptEntry as e:
-            corrupt.append(str(e).split("; run")[0])
-            path.unlink(missing_ok=True)
+            moved = evict(path, cache_dir)
+            corrupt.append(str(e).split("; run")[0] + (f" (moved to {moved})" if moved else ""))
             evicted += 1
     now = time.time()
     for kind in KINDS:
         for tmp in (cache_dir / kind).glob("*/.*.tmp"):
-            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+            if tmp.is_file() and not tmp.is_symlink() and now - tmp.stat().st_mtime > STALE_TEMP_S:
                 tmp.unlink(missing_ok=True)
     return {"checked": checked, "corrupt": corrupt, "evicted": evicted}
 
@@ -414,7 +447,7 @@ def disk_usage(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
     """Entries and bytes on disk per kind."""
     out = {}
     for kind in KINDS:
-        files = list((Path(cache_dir) / kind).glob(f"*/*{ENTRY_SUFFIX}"))
+        files = [f for f in (Path(cache_dir) / kind).glob(f"*/*{ENTRY_SUFFIX}") if f.is_file()]
         out[kind] = {"entries": len(files), "bytes": sum(f.stat().st_size for f in files)}
     return out
 
@@ -458,7 +491,16 @@ def build_caches(cfg, pipe=None) -> dict[str, dict[str, int]]:
                           cfg.max_sequence_length, device, dtype)
     finally:
         dlog.set_verbosity(verbosity)
+    report_evictions(latents, texts)
     return {"latent": latents.stats(), "text": texts.stats(), "position": positions.stats()}
+
+
+def report_evictions(*caches: ContentCache) -> None:
+    """Say on stderr which corrupt entries a build or training evicted (and recomputed)."""
+    lines = [line for c in caches for line in c.corrupt_reasons]
+    if lines:
+        print(f"fluxlab: evicted {len(lines)} corrupt cache entr{'y' if len(lines) == 1 else 'ies'} and recomputed "
+              f"{'it' if len(lines) == 1 else 'them'}:\n" + "\n".join(f"  {line}" for line in lines), file=sys.stderr)
 
 
 def cli_build(config_path: str, overrides: dict[str, str], as_json: bool = False) -> int:
@@ -483,7 +525,7 @@ def cli_build(config_path: str, overrides: dict[str, str], as_json: bool = False
 def cli_stats(cache_dir: str) -> int:
     path = Path(cache_dir)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such cache directory; run `fluxlab cache build CONFIG` first")
+        raise UserFileNotFound(f"{path}: no such cache directory; run `fluxlab cache build CONFIG` first")
     for kind, u in disk_usage(path).items():
         print(f"{kind:9s} entries {u['entries']:6d}  bytes on disk {u['bytes']:12d}")
     last = path / "last_build.json"

@@ -10,9 +10,7 @@ import argparse
 import os
 import sys
 
-
-class UserError(Exception):
-    """A problem the user can fix (bad path, bad config key...). Printed without a traceback."""
+from fluxlab.errors import UserError  # noqa: F401  (historical home: fluxlab.cli.UserError)
 
 
 def parse_pairs(values: list[str] | None) -> dict[str, str]:
@@ -118,13 +116,17 @@ def _add_train(sub) -> None:
     p.add_argument("config")
     p.add_argument("--set", action="append", dest="overrides", metavar="KEY=VALUE")
     p.add_argument("--resume", default=None, help="'latest' or a checkpoint directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an output_dir that holds an earlier one: the old run is moved "
+                        "aside to <output_dir>.replaced-<time>, never deleted")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="write a torch.profiler trace of N steps after warm-up")
 
     def run(a):
         from fluxlab import trainer
 
-        return trainer.cli_train(a.config, parse_pairs(a.overrides), resume=a.resume, profile=a.profile)
+        return trainer.cli_train(a.config, parse_pairs(a.overrides), resume=a.resume, profile=a.profile,
+                                 overwrite=a.overwrite)
 
     p.set_defaults(func=run)
 
@@ -247,7 +249,10 @@ def _add_notebook(sub) -> None:
     def run(args):
         from fluxlab import notebook
 
-        return notebook.cli(args)
+        try:
+            return notebook.cli(args)
+        except notebook.ParameterError as e:  # a bad -p value or notebook name: the user's to fix
+            raise UserError(str(e)) from None
 
     for q in (r, a, w):
         q.set_defaults(func=run)
@@ -290,10 +295,14 @@ def main(argv: list[str] | None = None) -> int:
         # `fluxlab results list | head`: the reader left early, which is not an error.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except (UserError, FileNotFoundError, ValueError, KeyError) as e:
-        # Expected, user-fixable problems: one clear line, no traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"fluxlab: error: {msg}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # Ctrl-C outside the trainer's own handling (imports, start-up): no traceback; 128 + SIGINT.
+        print("fluxlab: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, FileNotFoundError) as e:
+        # User-fixable problems (and paths the user gave that do not exist): one clear line, no
+        # traceback. Anything else is a fluxlab bug and keeps its traceback.
+        print(f"fluxlab: error: {e}", file=sys.stderr)
         return 2
     return int(rc or 0)
 

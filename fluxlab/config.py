@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 import warnings
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from fluxlab.errors import UserError, UserFileNotFound
 
 # FLUX's attention projections: both stream-pairs of the double blocks, and q/k/v of the single
 # blocks (their output projection is fused with the MLP in `proj_out`, so it is not listed).
@@ -31,7 +34,7 @@ FLUX_ATTENTION_MODULES = [
 TIMESTEP_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config value or combination the user must change; the message names the field."""
 
 
@@ -227,6 +230,14 @@ class TrainConfig:
             if not cond:
                 raise ConfigError(f"{field_name}: {msg}")
 
+        # Every float must be finite: `--set learning_rate=inf` or `guidance_scale=nan` would train
+        # to a NaN LoRA whose checkpoints verify.
+        for name, typ in field_types().items():
+            if typ is float:
+                v = getattr(self, name)
+                need(math.isfinite(v), name, f"must be a finite number, got {v}")
+        need(bool(self.output_dir.strip()), "output_dir", "must not be empty; name the run's folder")
+        need(bool(self.data.strip()), "data", "must not be empty; name the dataset folder")
         for name in ("steps", "batch_size", "gradient_accumulation", "rank", "resolution", "log_every",
                      "max_sequence_length", "metrics_window", "prefetch_factor", "lr_find_steps"):
             need(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
@@ -244,6 +255,11 @@ class TrainConfig:
         need(self.timestep_sampling in TIMESTEP_SCHEMES, "timestep_sampling",
              f"choose one of {', '.join(TIMESTEP_SCHEMES)}, got {self.timestep_sampling!r}")
         need(self.logit_std > 0, "logit_std", f"must be > 0, got {self.logit_std}")
+        for name in ("adam_beta1", "adam_beta2"):
+            need(0 <= getattr(self, name) < 1, name, f"must be in [0, 1), got {getattr(self, name)}")
+        need(self.adam_epsilon > 0, "adam_epsilon", f"must be > 0, got {self.adam_epsilon}")
+        need(self.guidance_scale >= 0, "guidance_scale", f"must be >= 0, got {self.guidance_scale}")
+        need(self.mode_scale >= 0, "mode_scale", f"must be >= 0, got {self.mode_scale}")
         need(self.mixed_precision in ("auto", "no", "bf16"), "mixed_precision",
              f"choose auto, no or bf16, got {self.mixed_precision!r}")
         need(self.quantize in ("none", "nf4", "int8"), "quantize",
@@ -406,12 +422,29 @@ def load_config(path: str | Path | None, overrides: dict[str, str] | None = None
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: config file not found")
-        values = yaml.safe_load(path.read_text()) or {}
+            raise UserFileNotFound(f"{path}: config file not found")
+        try:
+            # safe_load: a tag such as !!python/object is refused, never constructed or run.
+            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte offset {e.start}); save the config as UTF-8") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of key: value")
         where = str(path)
     return config_from_dict(values, overrides, where=where)
+
+
+def _yaml_problem(e) -> str:
+    """One line for a YAML error: where, what, and for a refused tag that nothing ran."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    if "could not determine a constructor for the tag" in str(e):
+        tag = problem.split("tag", 1)[-1].strip().strip("'")
+        return f"{where}unsafe YAML tag {tag} refused (nothing was run); configs hold plain values only"
+    return f"{where}YAML syntax error: {problem}; fix the file (a missing colon, quote or indent?)"
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFile
 
 from fluxlab._atomic import atomic_write_bytes
+from fluxlab.errors import UserError, UserFileNotFound, printable
 
 # Extension -> the Pillow formats we let decode it. Restricting formats stops Pillow from
 # "recognising" garbage as a format with weak magic bytes (TGA, ICO...), so random bytes named
@@ -43,6 +44,18 @@ MIN_SIDE = 64                      # smallest useful side: one 2x2 packed latent
 DEFAULT_MAX_PIXELS = 100_000_000   # 100 MP; larger files are treated as decompression bombs
 _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _PNG_IEND = b"IEND\xaeB`\x82"      # IEND has no data, so its CRC is a constant
+# A caption longer than this is not a caption (T5 reads 512 tokens, about 3 KB of English); a
+# larger file is refused unread, so a 50 MB "caption" never reaches the text encoders.
+MAX_CAPTION_BYTES = 64 * 1024
+# libjpeg fills the blocks of missing scan data with zero coefficients: mid-grey (128, 128, 128).
+# An image whose raster-order tail is this filler lost its data there.
+JPEG_FILLER = 128
+FILLER_ERROR, FILLER_WARN = 0.5, 0.1   # fraction of the pixels
+_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+
+
+class DatasetError(UserError, ValueError):
+    """A dataset that cannot be used as is; the message names the files and what to do."""
 
 __all__ = ["Issue", "DatasetReport", "validate_dataset", "make_sample_dataset", "make_shapes_dataset",
            "ImageCaptionDataset", "aspect_buckets", "nearest_bucket", "BucketBatchSampler", "to_rgb", "cli"]
@@ -140,7 +153,7 @@ class DatasetReport:
         """A human summary: statistics, then one row per issue (errors first)."""
         s = self.stats
         verdict = "OK" if self.ok else "FAILED"
-        lines = [f"dataset {self.root}: {verdict} ({len(self.errors)} errors, {len(self.warnings)} warnings)",
+        lines = [f"dataset {printable(self.root)}: {verdict} ({len(self.errors)} errors, {len(self.warnings)} warnings)",
                  f"  images {s.get('n_images', 0)}   captions {s.get('n_captions', 0)}   pairs {s.get('n_pairs', 0)}"]
         if s.get("width_min") is not None:
             lines.append(f"  width {s['width_min']}..{s['width_max']} px   height {s['height_min']}..{s['height_max']} px")
@@ -151,7 +164,9 @@ class DatasetReport:
             lines.append("  modes " + ", ".join(f"{m} {n}" for m, n in sorted(s["modes"].items())))
         dups = s.get("duplicates") or []
         lines.append(f"  duplicate groups {len(dups)}")
-        rows = [("error", i) for i in self.errors] + [("warning", i) for i in self.warnings]
+        # Names are escaped: a file called "a\nerror  x.png" must not forge a row (--json keeps them raw).
+        rows = [(sev, Issue(printable(i.file), printable(i.problem), printable(i.hint)))
+                for sev, group in (("error", self.errors), ("warning", self.warnings)) for i in group]
         if rows:
             wf = max(4, *(len(i.file) for _, i in rows))
             wp = max(7, *(len(i.problem) for _, i in rows))
@@ -191,6 +206,7 @@ def _inspect_image(path: Path, rel: str, max_pixels: int, min_side: int,
                 im.load()                   # decode every pixel: catches truncated pixel data
                 fmt, mode, (w, h) = im.format, im.mode, im.size
                 _, note = _rgb_plan(im)
+                filler = _jpeg_filler_fraction(im) if fmt == "JPEG" else 0.0
                 bit_depth = data[24] if fmt == "PNG" and len(data) > 24 else 8
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         err.append(Issue(rel, f"decompression bomb: more than {max_pixels:,} pixels ({e})",
@@ -208,6 +224,14 @@ def _inspect_image(path: Path, rel: str, max_pixels: int, min_side: int,
         # Pillow decodes PNGs that stop inside the final IEND chunk; the file is still cut short.
         err.append(Issue(rel, "truncated PNG (no complete IEND chunk at the end)", "re-copy or re-export the image"))
         return None, digest
+    if filler >= FILLER_ERROR:
+        err.append(Issue(rel, f"JPEG data missing: the last {filler:.0%} of the pixels are decoder filler "
+                              f"(flat grey {JPEG_FILLER})", "re-copy or re-export the image; if it really is "
+                              "grey there, re-save it as PNG"))
+        return None, digest
+    if filler >= FILLER_WARN:
+        warn.append(Issue(rel, f"the last {filler:.0%} of the pixels are flat grey {JPEG_FILLER}, as a JPEG decoder "
+                               f"fills missing data", "check the image; re-copy it if its bottom is grey by accident"))
     if min(w, h) < min_side:
         err.append(Issue(rel, f"too small: {w}x{h} px, under {min_side} px on the short side",
                          f"use images of at least {min_side} px, or delete it"))
@@ -226,17 +250,35 @@ def _inspect_image(path: Path, rel: str, max_pixels: int, min_side: int,
     return _Image(rel, w, h, mode), digest
 
 
+def _jpeg_filler_fraction(im: Image.Image) -> float:
+    """Fraction of the pixels, counted back from the last one in raster order, that are exactly the
+    mid-grey a JPEG decoder writes where scan data is missing (0 for other modes)."""
+    if im.mode not in ("L", "RGB"):
+        return 0.0
+    a = np.asarray(im)
+    flat = (a == JPEG_FILLER) if a.ndim == 2 else (a == JPEG_FILLER).all(axis=-1)    # [H, W]
+    flat = flat.reshape(-1)
+    real = np.flatnonzero(~flat)
+    tail = flat.size - (int(real[-1]) + 1 if real.size else 0)
+    return tail / flat.size
+
+
 def _looks_truncated(e: Exception) -> bool:
     text = str(e).lower()
     return isinstance(e, EOFError) or "truncat" in text or "broken" in text or "incomplete" in text
 
 
-def _read_caption(path: Path, rel: str, err: list[Issue]) -> str | None:
+def _read_caption(path: Path, rel: str, err: list[Issue], warn: list[Issue] | None = None) -> str | None:
     """A caption's text, or None after recording why it cannot be used."""
     try:
-        raw = path.read_bytes()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CAPTION_BYTES + 1)   # bounded: never read a huge file whole
     except OSError as e:
         err.append(Issue(rel, f"cannot read caption ({e.strerror or e})", "check permissions"))
+        return None
+    if len(raw) > MAX_CAPTION_BYTES:
+        err.append(Issue(rel, f"caption larger than {MAX_CAPTION_BYTES // 1024} KiB (not a caption?)",
+                         "write a caption of a few sentences; the text encoder reads at most 512 tokens"))
         return None
     try:
         text = raw.decode("utf-8-sig").strip()   # -sig: tolerate a BOM written by Windows editors
@@ -247,6 +289,22 @@ def _read_caption(path: Path, rel: str, err: list[Issue]) -> str | None:
     if not text:
         err.append(Issue(rel, "empty caption", "write a caption describing the image, or delete the pair"))
         return None
+    return _check_caption_text(text, rel, err, warn)
+
+
+def _check_caption_text(text: str, rel: str, err: list[Issue], warn: list[Issue] | None) -> str | None:
+    """Refuse NUL bytes and captions with no printable text; warn about other control characters."""
+    if "\0" in text:
+        err.append(Issue(rel, "caption contains NUL bytes (a binary file?)", "re-save the caption as plain text"))
+        return None
+    if not any(c.isprintable() and not c.isspace() for c in text):
+        err.append(Issue(rel, "caption has no printable text (only control characters)",
+                         "write a caption describing the image"))
+        return None
+    controls = sorted({c for c in text if not c.isprintable() and c not in _ALLOWED_CONTROLS})
+    if controls and warn is not None:
+        warn.append(Issue(rel, "caption contains control characters " + ", ".join(printable(c) for c in controls[:5]),
+                          "remove them; the text encoder reads them as text"))
     return text
 
 
@@ -270,6 +328,10 @@ def _read_metadata(path: Path, rel: str, err: list[Issue]) -> dict[str, str]:
             err.append(Issue(f"{rel}:{n}", f"bad metadata line ({type(e).__name__}: {e})",
                              'each line must be {"file_name": "img.png", "text": "a caption"}'))
             continue
+        if len(text.encode("utf-8", "replace")) > MAX_CAPTION_BYTES:
+            err.append(Issue(f"{rel}:{n}", f"caption larger than {MAX_CAPTION_BYTES // 1024} KiB",
+                             "write a caption of a few sentences"))
+            continue
         out[Path(name).as_posix()] = text.strip()
     return out
 
@@ -278,8 +340,9 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
     """Validate `root`; also return the usable (image, caption) pairs, sorted by path."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder {root} does not exist (or is not a folder); make the synthetic "
-                                f"shapes set there with: fluxlab data shapes {root} --n 64 --seed 0")
+        raise UserFileNotFound(f"dataset folder {root} does not exist (or is not a folder); make the synthetic "
+                               f"shapes set there with: fluxlab data shapes {root} --n 64 --seed 0")
+    real_root = root.resolve()
     err: list[Issue] = []
     warn: list[Issue] = []
     images: list[Path] = []
@@ -288,8 +351,16 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
     n_ignored = 0
     for p in sorted(root.rglob("*")):
         rel = p.relative_to(root)
-        if _is_hidden(rel) or not p.is_file():
+        if _is_hidden(rel) or not (p.is_file() or p.is_symlink()):
             continue
+        target = p.resolve()
+        if not target.is_relative_to(real_root):
+            # A link out of the dataset (e.g. a caption -> /etc/passwd): never read it.
+            err.append(Issue(rel.as_posix(), f"resolves outside the dataset folder (to {target})",
+                             "copy the file into the dataset instead of linking to it, or remove the link"))
+            continue
+        if not p.is_file():
+            continue  # a link to a folder inside the dataset (not descended) or a dangling link
         ext = p.suffix.lower()
         if ext in IMAGE_EXTS:
             images.append(p)
@@ -316,7 +387,7 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
         meta_text = meta_caps.get(p)
         if cap_path is not None:
             used_captions.add(cap_path)
-            caption = _read_caption(cap_path, cap_path.relative_to(root).as_posix(), err)
+            caption = _read_caption(cap_path, cap_path.relative_to(root).as_posix(), err, warn)
             if stems[(p.parent, p.stem)] > 1:
                 warn.append(Issue(rel, f"shares its caption {cap_path.name} with another image of the same stem",
                                   "give each image its own stem if the captions should differ"))
@@ -324,6 +395,8 @@ def _scan(root: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Data
             caption = meta_text or None
             if caption is None:
                 err.append(Issue(rel, f"empty caption in {METADATA_FILE}", "write a caption for it"))
+            else:
+                caption = _check_caption_text(caption, f"{rel} ({METADATA_FILE})", err, warn)
         else:
             caption = None
             err.append(Issue(rel, f"no caption: expected {p.stem}{CAPTION_EXT} beside it",
@@ -373,9 +446,13 @@ def validate_dataset(root: str | os.PathLike, *, max_pixels: int = DEFAULT_MAX_P
     """Check image/caption pairing and every image; never raises on a bad file.
 
     Errors (the dataset cannot be used as is): unreadable, zero-byte, truncated or corrupt images,
-    decompression bombs (over `max_pixels`), images under `min_side` px, missing / empty /
-    non-UTF-8 captions, no images at all. Warnings: mode conversions (CMYK, 16-bit, palette,
-    alpha), captions with no image, duplicate files, extension/content mismatch.
+    JPEGs that are mostly decoder filler (missing scan data), decompression bombs (over
+    `max_pixels`), images under `min_side` px, missing / empty / non-UTF-8 captions, captions over
+    MAX_CAPTION_BYTES, with NUL bytes or no printable text, files or links that resolve outside
+    the dataset folder (never read), no images at all. Warnings: mode conversions (CMYK, 16-bit,
+    palette, alpha), captions with no image or with control characters, a JPEG tail of decoder
+    filler, duplicate files, extension/content mismatch. (The trainer also warns about captions
+    longer than max_sequence_length tokens: that needs the tokenizer.)
     """
     return _scan(root, max_pixels, min_side)[0]
 
@@ -456,9 +533,9 @@ def make_shapes_dataset(dir: str | os.PathLike, n: int = 64, seed: int = 0, size
     (alternating), to exercise aspect buckets. Random flips would make "left"/"right" captions wrong.
     """
     if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}")
+        raise DatasetError(f"n must be at least 1, got {n}")
     if size < MIN_SIDE:
-        raise ValueError(f"size must be at least {MIN_SIDE} (validate rejects smaller images), got {size}")
+        raise DatasetError(f"size must be at least {MIN_SIDE} (validate rejects smaller images), got {size}")
     out = Path(dir)
     out.mkdir(parents=True, exist_ok=True)
     long_side = max(16, round(size * 1.5 / 16) * 16)
@@ -495,7 +572,7 @@ def aspect_buckets(resolution: int, step: int = 64, max_ratio: float = 2.0) -> l
     if step <= 0 or step % 16:
         raise ValueError(f"bucket step must be a positive multiple of 16 (8x VAE, 2x2 packing), got {step}")
     if resolution < step:
-        raise ValueError(f"resolution {resolution} is smaller than the bucket step {step}")
+        raise DatasetError(f"resolution {resolution} is smaller than the bucket step {step}")
     if max_ratio < 1:
         raise ValueError(f"max_ratio must be >= 1, got {max_ratio}")
     target = resolution * resolution
@@ -534,10 +611,10 @@ class ImageCaptionDataset:
         self.report, good = _scan(self.root, max_pixels, MIN_SIDE)
         if not self.report.ok:
             errs = self.report.errors
-            listing = "\n".join(f"  {e.file}: {e.problem}" for e in errs[:10])
+            listing = "\n".join(f"  {printable(e.file)}: {printable(e.problem)}" for e in errs[:10])
             more = f"\n  ... and {len(errs) - 10} more" if len(errs) > 10 else ""
-            raise ValueError(f"dataset {self.root} has {len(errs)} error(s), first {errs[0].file}: "
-                             f"{errs[0].problem}\n{listing}{more}\n"
+            raise DatasetError(f"dataset {self.root} has {len(errs)} error(s), first {printable(errs[0].file)}: "
+                               f"{printable(errs[0].problem)}\n{listing}{more}\n"
                              f"fix or remove these files (see `fluxlab data validate {self.root}`)")
         self.resolution, self.center_crop, self.random_flip = resolution, center_crop, random_flip
         self.seed, self.epoch, self.max_pixels = seed, 0, max_pixels
@@ -606,7 +683,7 @@ class BucketBatchSampler:
         self.epoch, self._cursor = 0, 0
         if len(self) == 0:
             sizes = Counter(self.buckets)
-            raise ValueError(f"no full batch of {batch_size} for {world_size} rank(s): bucket sizes {dict(sizes)}; "
+            raise DatasetError(f"no full batch of {batch_size} for {world_size} rank(s): bucket sizes {dict(sizes)}; "
                              "lower batch_size or set drop_last=False")
 
     def _epoch_batches(self, epoch: int) -> list[list[int]]:

@@ -57,8 +57,58 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 _RUN_ID: str | None = None
 
 
-class StoreError(RuntimeError):
+from fluxlab.errors import UserError  # noqa: E402
+
+
+class StoreError(UserError, RuntimeError):
     """The store file cannot be used (corrupt, not SQLite, unwritable) or an input file is bad."""
+
+
+def _corrupt(path: Path, why: str) -> StoreError:
+    return StoreError(
+        f"results store {path} is corrupt or not a SQLite file ({why}). Move it aside "
+        f"(mv {path} {path}.bad) and rebuild it with `fluxlab results import benchmarks/results/` "
+        f"and `fluxlab results harvest runs/`.")
+
+
+def _check_file(path: Path) -> None:
+    """Refuse a damaged store before SQLite opens it: SQLite reads a 0-byte file as an empty
+    database, and a truncated one until it reaches the missing page."""
+    size = path.stat().st_size
+    if size == 0:
+        raise _corrupt(path, "0 bytes, so not an empty store but a lost one")
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if len(head) < 100 or not head.startswith(b"SQLite format 3\x00"):
+        raise _corrupt(path, "no SQLite header")
+    page = int.from_bytes(head[16:18], "big")
+    page = 65536 if page == 1 else page
+    if page < 512 or size % page:
+        raise _corrupt(path, f"{size} bytes is not a whole number of {page}-byte pages: truncated")
+
+
+def _create(path: Path) -> None:
+    """Create an empty store whole (schema and WAL mode in a temp file, then linked into place), so
+    a 0-byte file at `path` can only mean damage, never a store being born."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        conn = sqlite3.connect(tmp)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.executescript(_SCHEMA)
+            conn.commit()
+        finally:
+            conn.close()
+        try:
+            os.link(tmp, path)  # fails if another process created it first: theirs stands
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not path.exists():
+                os.replace(tmp, path)
+    finally:
+        for p in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm")):
+            p.unlink(missing_ok=True)
 
 
 # --- where and who ----------------------------------------------------------------------------
@@ -162,20 +212,24 @@ def _connect(store):
     rows), whose SQLite errors become StoreErrors naming the file and what to do."""
     path = _path(store)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        _create(path)
+    _check_file(path)
     conn = None
     try:
         conn = sqlite3.connect(path, timeout=60)
         conn.execute("PRAGMA journal_mode=WAL")
+        # Nothing is read from or written into a damaged file (quick_check: milliseconds at this size).
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise _corrupt(path, f"quick_check: {problems[0]}")
         conn.executescript(_SCHEMA)
         yield conn
         conn.commit()
     except sqlite3.OperationalError as e:  # locked past the timeout, unwritable, ...
         raise StoreError(f"results store {path}: {e}") from e
     except sqlite3.DatabaseError as e:  # "file is not a database", "disk image is malformed"
-        raise StoreError(
-            f"results store {path} is corrupt or not a SQLite file ({e}). Move it aside "
-            f"(mv {path} {path}.bad) and rebuild it with `fluxlab results import benchmarks/results/` "
-            f"and `fluxlab results harvest runs/`.") from e
+        raise _corrupt(path, str(e)) from e
     finally:
         if conn is not None:
             conn.close()
@@ -257,7 +311,15 @@ def query(store=None, **filters) -> list[dict]:
     with _connect(store) as conn:
         rows = conn.execute(f"SELECT body FROM records WHERE {where} ORDER BY utc, rowid",
                             [str(v) for v in sql_filters.values()]).fetchall()
-    records = [json.loads(body) for (body,) in rows]
+    records = []
+    for (body,) in rows:
+        try:
+            rec = json.loads(body)
+        except (TypeError, ValueError) as e:  # a damaged row (the file passed SQLite's checks)
+            raise _corrupt(_path(store), f"a record is not valid JSON: {e}") from e
+        if not isinstance(rec, dict):
+            raise _corrupt(_path(store), "a record is not a JSON object")
+        records.append(rec)
     rest = {k: _jsonable(v) for k, v in filters.items() if k not in _COLUMNS}
     return [_ordered(r) for r in records if all(r.get(k) == v for k, v in rest.items())]
 

@@ -27,9 +27,18 @@ Randomness: every random draw of a step (latent sample, noise, timesteps) comes 
 generator seeded by (seed, step, micro-batch, rank), so a resumed run draws exactly what the
 uninterrupted one would. The global RNG (LoRA dropout) is checkpointed per rank.
 
-Exit codes of `fluxlab train`: 0 done, or interrupted cleanly by SIGINT/SIGTERM after a checkpoint
-(the message says how to resume); 2 bad config/checkpoint (message names the field or file);
-3 CUDA out of memory (message has the step, memory and hints).
+Exit codes of `fluxlab train`: 0 done; 2 bad config, data, checkpoint or output folder (one line
+naming the field or file); 3 CUDA out of memory (message has the step, memory and hints); 4 the
+loss or gradient became non-finite (message names the step and cause; nothing written after it);
+130 / 143 stopped by SIGINT / SIGTERM (128 + the signal): a signal during the loop finishes the
+step and writes a checkpoint first, one during start-up stops at once, one during the final save
+lets that save finish. A second signal aborts at once (every file is still whole: writes are atomic).
+
+Output folders: fluxlab marks a run folder with `.fluxlab-run`. A new run refuses a folder that
+holds an earlier run (pass --resume to continue it, or --overwrite to move it aside to
+`<output_dir>.replaced-<time>`; nothing is deleted), a folder it did not create that holds other
+files, the filesystem root and the home folder. Hidden leftovers of a killed save or retention
+(`checkpoints/.tmp-*`, `.del-*`, `.old-*`, `.lora-*`, `.<file>.*.tmp`) are removed at the next start.
 """
 
 from __future__ import annotations
@@ -41,6 +50,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -55,15 +65,129 @@ import torch
 
 from fluxlab import checkpoints, models
 from fluxlab._atomic import atomic_write_bytes, atomic_write_text
+from fluxlab.checkpoints import CheckpointError
 from fluxlab.config import ConfigError, TrainConfig, load_config
+from fluxlab.errors import UserError
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
+RUN_MARKER = ".fluxlab-run"
 EXIT_OOM = 3
+EXIT_NONFINITE = 4
 VALIDATION_STREAM = 2**62  # the "step" number of the validation draws: beyond any real step
+# What a run writes at the top of its folder: a folder holding any of these holds an earlier run.
+RUN_OUTPUTS = (LORA_FILE, "sparse_delta.safetensors", "metrics.jsonl", "train_summary.json", "checkpoints")
 
 
 class TrainingOOM(RuntimeError):
     """CUDA ran out of memory; the message holds the step, memory numbers and what to try."""
+
+
+class TrainingDiverged(UserError, RuntimeError):
+    """The loss, a gradient or a trained parameter became non-finite; names the step and the cause."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM stopped start-up, or a second signal aborted a run; `signum` says which."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# --- output folders -----------------------------------------------------------------------------
+def _forbidden_output(path: Path) -> str | None:
+    """Why `path` can never be a run folder (the filesystem root, home or one of its parents)."""
+    p = path.expanduser().resolve()
+    if p == Path(p.anchor):
+        return "is the filesystem root"
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no passwd entry: nothing to protect there
+        return None
+    if p == home:
+        return "is your home folder"
+    if p in home.parents:
+        return "is a parent of your home folder"
+    return None
+
+
+def _holds_run(out: Path) -> list[str]:
+    """The earlier-run outputs in `out` (empty when it holds none)."""
+    found = [n for n in RUN_OUTPUTS if (out / n).exists()]
+    if "checkpoints" in found and not any((out / "checkpoints").iterdir()):
+        found.remove("checkpoints")
+    return found
+
+
+def check_output_dir(out: Path, *, resume, overwrite: bool, new_run: bool = True) -> str:
+    """Refuse an output folder fluxlab must not write into; read-only. `new_run=False` (lr-find)
+    accepts fluxlab's folder of an earlier run: it writes its own files beside that run's.
+
+    Returns "new" (absent or empty), "owned" (marked by fluxlab) or "legacy" (an unmarked folder of
+    an older fluxlab run, adopted only to resume it). Raises ConfigError naming output_dir.
+    """
+    why = _forbidden_output(out)
+    if why:
+        raise ConfigError(f"output_dir: {out} {why}; name a folder of its own, e.g. runs/train/my-run")
+    if resume is not None and overwrite:
+        raise ConfigError("--overwrite starts a new run and --resume continues one: pass only one")
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise ConfigError(f"output_dir: {out} exists and is not a folder; choose another output_dir")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return "new"
+    if RUN_MARKER not in entries:
+        known = set(RUN_OUTPUTS) | {"config.yaml", "loss.png", "lr.png", "grad_norm.png", "profile", "lr_find.json",
+                                    "lr_find.png"}
+        ckpts = out / "checkpoints"
+        legacy = (resume is not None and set(entries) <= known and ckpts.is_dir()
+                  and any((d / checkpoints.MANIFEST_FILE).is_file() for _, d in checkpoints.list_checkpoints(ckpts)))
+        if legacy:
+            return "legacy"
+        shown = ", ".join(repr(n) for n in entries[:3]) + (", ..." if len(entries) > 3 else "")
+        raise ConfigError(f"output_dir: {out} was not created by fluxlab (no {RUN_MARKER} marker) and holds "
+                          f"other files ({shown}); fluxlab writes only into new, empty or its own folders: "
+                          f"choose another output_dir")
+    earlier = _holds_run(out)
+    if earlier and resume is None and not overwrite and new_run:
+        raise ConfigError(f"output_dir: {out} holds an earlier run ({', '.join(earlier)}); continue it with "
+                          f"--resume latest, start over with --overwrite (moves it aside, deletes nothing), "
+                          f"or choose another output_dir")
+    return "owned"
+
+
+def claim_output_dir(out: Path, state: str, *, overwrite: bool) -> list[str]:
+    """Make `out` this run's folder (after `check_output_dir`): move an earlier run aside when
+    overwriting, write the marker, and remove the hidden leftovers of killed writes. Returns notes."""
+    notes = []
+    if overwrite and state == "owned" and _holds_run(out):
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        aside = out.with_name(f"{out.name}.replaced-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = out.with_name(f"{out.name}.replaced-{stamp}-{n}")
+        os.rename(out, aside)  # one rename: the earlier run stays whole, just under a new name
+        notes.append(f"moved the earlier run in {out} aside to {aside}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_MARKER).exists():
+        atomic_write_text(out / RUN_MARKER, json.dumps({"fluxlab": "training run folder",
+                                                        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                     time.gmtime())}) + "\n")
+    removed = checkpoints.clean_leftovers(out / "checkpoints")
+    # Temp files of killed atomic writes (`.<name>.<random>.tmp`) and of a killed LoRA save.
+    for p in list(out.glob(".*.tmp")) + list(out.glob(".lora-*")):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    if removed:
+        notes.append(f"removed {len(removed)} leftover(s) of an interrupted save: "
+                     + ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else ""))
+    return notes
 
 
 @dataclass
@@ -226,6 +350,15 @@ class _CachedItems(torch.utils.data.Dataset):
         return out
 
 
+def _worker_ignores_signals(worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C, a
+    scheduler's SIGTERM) must reach the main process alone, which finishes the step, checkpoints,
+    and shuts the workers down itself. (Torch's own worker SIGTERM handler would let the worker die,
+    and the main process then fails wherever it is, mid-checkpoint included.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def _collate(items: list[dict]) -> dict:
     out = {}
     for k in items[0]:
@@ -251,10 +384,12 @@ class _EpochTagged:
 # --- the trainer --------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, pipe=None, resume: str | os.PathLike | None = None,
-                 profile_steps: int = 0):
+                 profile_steps: int = 0, overwrite: bool = False, new_run: bool = True):
         self.cfg = cfg
         self._pipe = pipe                      # a preloaded FluxPipeline (tests reuse one); else loaded
         self.resume = resume                   # None | "latest" | checkpoint dir
+        self.overwrite = overwrite             # move an earlier run in output_dir aside (never delete it)
+        self.new_run = new_run                 # False: lr-find, which writes beside an earlier run, not over it
         self.profile_steps = int(profile_steps)
         self.out = Path(cfg.output_dir)
         self.global_step = 0                   # optimizer steps done
@@ -266,13 +401,30 @@ class Trainer:
         self.patch_report = None
         self.cache_stats: dict = {}
         self._stop_requested = False
+        self.stop_signal: int | None = None    # SIGINT/SIGTERM that asked this run to stop
+        self._signal_mode = "abort"            # abort: raise at once; finish: end the step, then stop
+        self._main_pid = os.getpid()
         self._phase = "idle"
         self._owns_process_group = False
         self._resume_ckpt = None
+        self._resume_candidates: list[Path] = []
+        self._last_ckpt: Path | None = None
+        self._out_state: str | None = None    # new | owned | legacy, once check_output_dir ran
+        # Non-finite guard, on the device so no step syncs: (first bad step, cause bits 1 loss | 2 grad).
+        self._nonfinite = None
 
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, with_data: bool = True) -> "Trainer":
+        with self._handling_signals("abort"):  # start-up has nothing to save: a signal stops it at once
+            return self._setup(with_data)
+
+    def _setup(self, with_data: bool) -> "Trainer":
         cfg = self.cfg
+        # Before anything is read or loaded: is output_dir a folder this run may write into? (Timing
+        # set-ups without data never write there; `train` checks then, if it ever runs.)
+        if with_data:
+            self._out_state = check_output_dir(self.out, resume=self.resume, overwrite=self.overwrite,
+                                               new_run=self.new_run)
         self._init_distributed()
         self.rank, self.world = _rank(), _world()
         self.device = cfg.resolved_device(int(os.environ.get("LOCAL_RANK", 0)) if self.world > 1 else None)
@@ -308,9 +460,22 @@ class Trainer:
         self._pipe = None
         self._setup_model()
         self._setup_optimizer()
-        if self._resume_ckpt is not None:
-            self._load_resume(self._resume_ckpt)
+        self._nonfinite = torch.full((2,), -1, dtype=torch.int64, device=self.device)
+        while self._resume_ckpt is not None:
+            try:
+                self._load_resume(self._resume_ckpt)
+                break
+            except CheckpointError as e:
+                if str(self.resume) != "latest":
+                    raise
+                self._say(f"fluxlab: skipping checkpoint {self._resume_ckpt.path}: {e}")
+                self._resume_ckpt = self._next_resume()
+        self._resume_ckpt = None  # loaded: free its tensors and optimizer state
         return self
+
+    def _say(self, msg: str) -> None:
+        if self.rank == 0:
+            print(msg, file=sys.stderr, flush=True)
 
     def _init_distributed(self) -> None:
         import torch.distributed as dist
@@ -408,6 +573,11 @@ class Trainer:
                     self.val_items = [encode(i, True) for i in self.val_index]  # fixed: no augmentation
             _barrier()
         dlog.set_verbosity(verbosity)
+        if self.rank == 0:
+            from fluxlab.caches import report_evictions
+
+            report_evictions(latent_cache, text_cache)
+            self._warn_long_captions(pipe)
         self.cache_stats = {"latent": latent_cache.stats(), "text": text_cache.stats()}
 
         self.batch_sampler = BucketBatchSampler([ds.bucket_of(i) for i in self.train_index], cfg.batch_size,
@@ -420,9 +590,24 @@ class Trainer:
             num_workers=workers, pin_memory=cfg.pin_memory and self.device.type == "cuda",
             prefetch_factor=cfg.prefetch_factor if workers > 0 else None,
             persistent_workers=cfg.persistent_workers and workers > 0,
+            worker_init_fn=_worker_ignores_signals if workers > 0 else None,
             # Its own generator: each iter() draws a base seed, and from the global RNG that draw
             # would shift dropout masks whenever a resumed run re-creates the iterator.
             generator=torch.Generator().manual_seed(cfg.seed))
+
+    def _warn_long_captions(self, pipe) -> None:
+        """Say which captions the T5 encoder truncates at max_sequence_length (their tail is ignored)."""
+        tok, limit = getattr(pipe, "tokenizer_2", None), self.cfg.max_sequence_length
+        if tok is None:
+            return
+        from fluxlab.errors import printable
+
+        long = [(Path(p).name, n) for p, cap in self.dataset.records
+                if (n := len(tok(cap, add_special_tokens=True)["input_ids"])) > limit]
+        if long:
+            shown = ", ".join(f"{printable(name)} ({n})" for name, n in long[:3]) + (" ..." if len(long) > 3 else "")
+            warnings.warn(f"{len(long)} caption(s) are longer than max_sequence_length={limit} T5 tokens and will "
+                          f"be truncated: {shown}; shorten them or raise max_sequence_length", stacklevel=2)
 
     def _setup_model(self) -> None:
         cfg, tr = self.cfg, self.transformer
@@ -553,6 +738,8 @@ class Trainer:
         elif self._is_log_step(step + 1):  # the norm costs a pass over all grads: logging steps only
             grad_norm = torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
+        if self._nonfinite is not None:
+            self._note_nonfinite(step + 1, loss_sum, grad_norm, params)
         self._phase = "optimizer"   # from here until the step ends a checkpoint would be inconsistent
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
@@ -560,6 +747,35 @@ class Trainer:
         self.global_step += 1
         self._phase = "idle"
         return {"loss": loss_sum / n, "lr": lr, "grad_norm": grad_norm}
+
+    def _note_nonfinite(self, step: int, loss: torch.Tensor, grad_norm, params) -> None:
+        """Record the first step whose loss or gradient is non-finite, without a host sync:
+        `_check_finite` reads it on logging steps and before anything is written."""
+        if grad_norm is None:  # a non-finite gradient makes its sum non-finite; a sum is cheaper than a norm
+            grad_norm = torch.stack([p.grad.sum() for p in params if p.grad is not None]).sum()
+        cause = (~torch.isfinite(loss)).long() + 2 * (~torch.isfinite(grad_norm.float())).long()    # 0-dim
+        first = self._nonfinite                                                                     # [2]
+        new = torch.stack([torch.full_like(cause, step), cause])                                    # [2]
+        self._nonfinite = torch.where((first[0] < 0) & (cause > 0), new, first)
+
+    def _check_finite(self) -> None:
+        """Raise TrainingDiverged when a step went non-finite or a trained parameter is (one sync)."""
+        if self._nonfinite is None:
+            return
+        params = list(self.trainable_parameters().values())
+        params_ok = torch.stack([torch.isfinite(p).all() for p in params]).all() if params else torch.tensor(True)
+        (step, cause), params_ok = self._nonfinite.tolist(), bool(params_ok)
+        if step < 0 and params_ok:
+            return
+        what = ({1: "loss", 2: "gradient", 3: "loss and gradient"}[cause] if step >= 0
+                else "trained parameters (after an optimizer update)")
+        at = f"step {step}" if step >= 0 else f"step {self.global_step} or earlier"
+        last = (f"the last good checkpoint is {self._last_ckpt}" if self._last_ckpt is not None
+                else "no checkpoint of this run was written")
+        raise TrainingDiverged(
+            f"training diverged: non-finite {what} at {at} (learning_rate {self.cfg.learning_rate:g}, "
+            f"max_grad_norm {self.cfg.max_grad_norm:g}); stopped without writing a checkpoint or LoRA from it; "
+            f"{last}. Lower learning_rate, keep max_grad_norm > 0, or check the data")
 
     def random_batch(self, batch_size: int = 1, resolution: int = 1024, seq_len: int | None = None,
                      device=None) -> dict:
@@ -613,6 +829,25 @@ class Trainer:
             return batch
 
     def train(self) -> TrainResult:
+        with self._handling_signals("finish"):  # a signal finishes the step, then checkpoints
+            try:
+                return self._train()
+            finally:
+                self._close_loader()
+
+    def _close_loader(self) -> None:
+        """Stop the DataLoader workers now, through the loader's own sentinel shutdown. They ignore
+        SIGTERM (see `_worker_ignores_signals`), so they must not be left to the interpreter's exit,
+        which terminates daemonic children with SIGTERM and would then wait for them forever."""
+        loader = getattr(self, "loader", None)
+        for it in (getattr(self, "_iter", None), getattr(loader, "_iterator", None)):
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+        self._iter = None
+        if loader is not None and hasattr(loader, "_iterator"):
+            loader._iterator = None
+
+    def _train(self) -> TrainResult:
         cfg = self.cfg
         is_main = self.rank == 0
         t_start = time.perf_counter()
@@ -620,8 +855,12 @@ class Trainer:
         result = TrainResult(final_loss=float("nan"), losses=[], lora_path=None, steps_done=self.global_step,
                              start_step=start_step, output_dir=self.out, patch_report=self.patch_report,
                              cache_stats=self.cache_stats)
+        if self._out_state is None:
+            self._out_state = check_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
         if is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+            for note in claim_output_dir(self.out, self._out_state, overwrite=self.overwrite):
+                self._say(f"fluxlab: {note}")
+            self._out_state = "owned"
             self._trim_metrics(start_step)
             from fluxlab.config import save_config
 
@@ -634,8 +873,7 @@ class Trainer:
         pending: list[dict] = []   # rows whose loss tensors are read (one sync) on logging steps
         self._iter = None
         profiler = self._make_profiler(start_step)
-        old_handlers = self._install_signal_handlers()
-        last_ckpt = None
+        last_ckpt = self._last_ckpt  # a run resumed at its last step trains nothing: that one stands
         try:
             while self.global_step < cfg.steps:
                 t0 = time.perf_counter()
@@ -667,6 +905,7 @@ class Trainer:
                 bar.update(1)
                 if self._is_log_step(step):
                     self._flush_metrics(pending, result, bar)
+                    self._check_finite()
                 # Every rank must agree to stop at the same step (DDP), so reduce the flag.
                 stop = self._agree(self._stop_requested)
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stop:
@@ -675,8 +914,8 @@ class Trainer:
                 if stop:
                     result.interrupted = True
                     break
+            self._phase = "final save"  # a signal from here on lets the final writes finish
         finally:
-            self._restore_signal_handlers(old_handlers)
             self._flush_metrics(pending, result, bar)
             bar.close()
             if profiler is not None:
@@ -685,12 +924,18 @@ class Trainer:
         result.checkpoint_path = last_ckpt
         result.steps_done = self.global_step
         if not result.interrupted:
+            self._check_finite()
             result.lora_path = self.save_lora()
             result.adapter_sha256_per_rank = _gather(self._lora_digest())
             if is_main and result.lora_path is not None:
                 result.lora_file_sha256 = hashlib.sha256(result.lora_path.read_bytes()).hexdigest()
-            if is_main:
+            if is_main and not self._stop_requested:  # asked to stop: the curves can wait
                 self._plot_curves()
+        self._finish(result, t_start)
+        return result
+
+    def _finish(self, result: TrainResult, t_start: float) -> None:
+        is_main = self.rank == 0
         result.writes_per_rank = _gather(list(self.written))
         result.final_loss = result.losses[-1] if result.losses else float("nan")
         result.wall_s = time.perf_counter() - t_start
@@ -701,9 +946,9 @@ class Trainer:
             summary["lora_sha256_per_rank"] = summary["adapter_sha256_per_rank"]  # former name, for old readers
             self._write_json(self.out / "train_summary.json", summary)
         _barrier()
-        return result
 
     def close(self) -> None:
+        self._close_loader()
         if self._owns_process_group and _dist():
             _dist().destroy_process_group()
             self._owns_process_group = False
@@ -739,8 +984,14 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        keep = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= upto_step]
+        keep = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue  # the half line of a process killed while appending
+            if isinstance(row, dict) and row.get("step", 0) <= upto_step:
+                keep.append(line)
         self._write_text(path, "".join(line + "\n" for line in keep))
 
     def _plot_curves(self) -> None:
@@ -841,7 +1092,9 @@ class Trainer:
         return self.out / "checkpoints"
 
     def save_checkpoint(self) -> Path:
-        """Every rank calls this (it gathers per-rank RNG states); rank 0 writes and prunes."""
+        """Every rank calls this (it gathers per-rank RNG states); rank 0 writes and prunes.
+        Raises TrainingDiverged instead of writing a checkpoint of non-finite weights."""
+        self._check_finite()
         rng = _gather(checkpoints.capture_rng_state())
         path = self.checkpoint_root / f"step_{self.global_step}"
         if self.rank == 0:
@@ -857,26 +1110,45 @@ class Trainer:
             path = checkpoints.save_checkpoint(self.checkpoint_root, self.global_step, tensors=tensors,
                                                state=state, meta=meta)
             self.written.append(str(path))
-            if self.cfg.keep_last:
-                checkpoints.apply_retention(self.checkpoint_root, self.cfg.keep_last)
+            if self.cfg.keep_last:  # never prunes the one just written
+                checkpoints.apply_retention(self.checkpoint_root, self.cfg.keep_last, protect=[path])
+        self._last_ckpt = path
         _barrier()
         return path
 
     def _find_resume(self):
-        """Pick and verify the checkpoint to resume (before the model loads); None to start fresh."""
-        if str(self.resume) == "latest":
-            path, skipped = checkpoints.latest_checkpoint(self.checkpoint_root)
-            if self.rank == 0:
-                for bad, why in skipped:
-                    print(f"fluxlab: skipping corrupt checkpoint {bad}: {why}", file=sys.stderr)
-            if path is None:
-                if self.rank == 0:
-                    print(f"fluxlab: no checkpoint under {self.checkpoint_root}; starting a new run", file=sys.stderr)
-                return None
-        else:
-            path = Path(self.resume)
-        ckpt = checkpoints.load_checkpoint(path)  # CheckpointError (ValueError) names the bad file
+        """Pick, verify and load the checkpoint to resume (before the model loads); None to start
+        fresh. `--resume latest` tries the newest first and falls back past any that fails."""
+        if str(self.resume) != "latest":
+            self._resume_candidates = [Path(self.resume)]
+            return self._next_resume()
+        self._resume_candidates = [p for _, p in checkpoints.list_checkpoints(self.checkpoint_root)]
+        if not self._resume_candidates:
+            self._say(f"fluxlab: no checkpoint under {self.checkpoint_root}; starting a new run")
+            return None
+        return self._next_resume()
+
+    def _next_resume(self):
+        """Load the next resume candidate; with `latest`, skip (and name) each that fails."""
+        while self._resume_candidates:
+            path = self._resume_candidates.pop(0)
+            try:
+                ckpt = checkpoints.load_checkpoint(path)  # CheckpointError names the bad file
+            except CheckpointError as e:
+                if str(self.resume) != "latest":
+                    raise
+                self._say(f"fluxlab: skipping corrupt checkpoint {path}: {e}")
+                continue
+            self._check_resume_config(ckpt)
+            return ckpt
+        raise CheckpointError(f"no checkpoint under {self.checkpoint_root} can be resumed (reasons above); move "
+                              f"the damaged ones aside, or start over with --overwrite")
+
+    def _check_resume_config(self, ckpt) -> None:
+        path = ckpt.path
         saved = ckpt.meta.get("config", {})
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{path / checkpoints.META_FILE}: 'config' is not a mapping")
         for key in ("adapter", "rank", "target_modules", "batch_size", "seed", "gradient_accumulation",
                     "resolution", "sparse_density"):
             if key in saved and saved[key] != getattr(self.cfg, key):
@@ -885,52 +1157,85 @@ class Trainer:
         if ckpt.meta.get("world_size", 1) != self.world:
             raise ConfigError(f"world_size: {path} was written by {ckpt.meta.get('world_size')} process(es), "
                               f"this run has {self.world}; resume with the same number of processes")
-        return ckpt
 
     def _load_resume(self, ckpt) -> None:
+        """Restore the model, optimizer, scheduler, sampler and RNG from a loaded checkpoint.
+        Everything is checked against this model before anything changes; any failure is a
+        CheckpointError naming the file (a checkpoint that hashes fine can still be unusable)."""
         params = self.trainable_parameters()
+        tfile, sfile = ckpt.path / checkpoints.TENSORS_FILE, ckpt.path / checkpoints.STATE_FILE
+        hint = checkpoints.RESUME_HINT
         missing = sorted(set(params) - set(ckpt.tensors))
         if missing:
-            raise ConfigError(f"target_modules: {ckpt.path} lacks adapter tensors such as {missing[0]}; "
-                              f"resume with the config it was trained with")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(ckpt.tensors[name])
-        self.optimizer.load_state_dict(ckpt.state["optimizer"])
-        self.lr_scheduler.load_state_dict(ckpt.state["lr_scheduler"])
-        if hasattr(self, "batch_sampler"):
-            self.batch_sampler.load_state_dict(ckpt.state["sampler"])
-            self.epoch, self.consumed = int(ckpt.state["sampler"]["epoch"]), int(ckpt.state["sampler"]["cursor"])
-        checkpoints.restore_rng_state(ckpt.state["rng_per_rank"][self.rank])
+            raise CheckpointError(f"{tfile}: lacks adapter tensors such as {missing[0]} that this config trains; "
+                                  f"{hint}")
+        for name, p in params.items():
+            t = ckpt.tensors[name]
+            if t.shape != p.shape or not t.is_floating_point():
+                raise CheckpointError(f"{tfile}: tensor {name} is {tuple(t.shape)} {t.dtype}, the model needs "
+                                      f"{tuple(p.shape)} floating point; {hint}")
+            if not torch.isfinite(t).all():
+                raise CheckpointError(f"{tfile}: tensor {name} holds non-finite values; {hint}")
+        state = ckpt.state
+        for key in ("optimizer", "lr_scheduler", "rng_per_rank") + (("sampler",) if hasattr(self, "batch_sampler") else ()):
+            if key not in state:
+                raise CheckpointError(f"{sfile}: lacks {key!r}; {hint}")
+        if not isinstance(state["rng_per_rank"], list) or len(state["rng_per_rank"]) <= self.rank:
+            raise CheckpointError(f"{sfile}: no RNG state for rank {self.rank}; {hint}")
+        try:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(ckpt.tensors[name])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if hasattr(self, "batch_sampler"):
+                self.batch_sampler.load_state_dict(state["sampler"])
+                self.epoch, self.consumed = int(state["sampler"]["epoch"]), int(state["sampler"]["cursor"])
+            checkpoints.restore_rng_state(state["rng_per_rank"][self.rank])
+        except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{sfile}: cannot be restored into this run ({type(e).__name__}: {e}); "
+                                  f"{hint}") from e
         self.global_step = ckpt.step
+        self._last_ckpt = ckpt.path
         if self.rank == 0:
             print(f"fluxlab: resumed from {ckpt.path} at step {ckpt.step}", file=sys.stderr)
 
     # ---- signals -----------------------------------------------------------------------------------
-    def _install_signal_handlers(self):
+    @contextlib.contextmanager
+    def _handling_signals(self, mode: str):
+        """SIGINT/SIGTERM handling for a block. mode "abort": raise RunInterrupted at once (start-up
+        has nothing to save). mode "finish": note the signal; the loop ends the step, checkpoints and
+        stops, and the final save runs to its end. A second signal aborts at once. Only the main
+        process reacts: forked DataLoader workers inherit this handler and must stay silent."""
         import threading
 
         if threading.current_thread() is not threading.main_thread():
-            return None
+            yield
+            return
 
         def handler(signum, frame):
-            if self._stop_requested and signum == signal.SIGINT:
-                # Second Ctrl-C: abort now, no checkpoint.
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                raise KeyboardInterrupt
-            self._stop_requested = True
+            if os.getpid() != self._main_pid:
+                return  # a DataLoader worker: the main process decides and speaks
+            if self._signal_mode == "abort" or self._stop_requested:
+                self.aborted_during = "start-up" if self._signal_mode == "abort" else self._phase
+                raise RunInterrupted(signum)
+            self._stop_requested, self.stop_signal = True, signum
             if self.rank == 0:
-                print(f"\nfluxlab: {signal.Signals(signum).name} received: finishing step {self.global_step + 1}, "
-                      f"then writing a checkpoint (Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
+                doing = ("letting the final save finish" if self._phase == "final save" else
+                         "finishing the step in progress, then writing a checkpoint")
+                print(f"\nfluxlab: {signal.Signals(signum).name} received: {doing} "
+                      f"(a second signal aborts at once)", file=sys.stderr, flush=True)
 
+        old_mode, self._signal_mode = self._signal_mode, mode
         old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         for s in old:
             signal.signal(s, handler)
-        return old
-
-    def _restore_signal_handlers(self, old) -> None:
-        for s, h in (old or {}).items():
-            signal.signal(s, h)
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            self._signal_mode = old_mode
 
     def _agree(self, flag: bool) -> bool:
         d = _dist()
@@ -1083,7 +1388,7 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
     `suggest_lr`'s: minimum / 10 after a divergence, else the bounded steepest descent (with a warning)."""
     from torch.optim.lr_scheduler import LambdaLR
 
-    tr = Trainer(cfg, pipe=pipe).setup()
+    tr = Trainer(cfg, pipe=pipe, new_run=False).setup()
     n = cfg.lr_find_steps
     ratio = cfg.lr_find_max / cfg.lr_find_min
     for g in tr.optimizer.param_groups:
@@ -1094,23 +1399,26 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
     avg, best, diverged = 0.0, float("inf"), None
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n), desc="lr-find", disable=not cfg.progress):
-        micro = [tr._next_micro_batch() for _ in range(cfg.gradient_accumulation)]
-        out = tr.step(micro)
-        loss = out["loss"].item()
-        lrs.append(out["lr"])
-        losses.append(loss)
-        avg = 0.9 * avg + 0.1 * loss
-        s = avg / (1 - 0.9 ** (i + 1))  # bias-corrected EMA
-        smoothed.append(s)
-        best = min(best, s)
-        if not math.isfinite(loss) or s > divergence * best:
-            diverged = out["lr"]
-            break
+    try:
+        for i in tqdm(range(n), desc="lr-find", disable=not cfg.progress):
+            micro = [tr._next_micro_batch() for _ in range(cfg.gradient_accumulation)]
+            out = tr.step(micro)
+            loss = out["loss"].item()
+            lrs.append(out["lr"])
+            losses.append(loss)
+            avg = 0.9 * avg + 0.1 * loss
+            s = avg / (1 - 0.9 ** (i + 1))  # bias-corrected EMA
+            smoothed.append(s)
+            best = min(best, s)
+            if not math.isfinite(loss) or s > divergence * best:
+                diverged = out["lr"]
+                break
+    finally:
+        tr._close_loader()  # workers ignore SIGTERM: never leave them to the interpreter exit
     suggested, steepest, warning = suggest_lr(lrs, smoothed, diverged, cfg.learning_rate)
     res = LRFindResult(lrs, losses, smoothed, suggested, steepest, diverged, None, warning)
     if tr.rank == 0:
-        tr.out.mkdir(parents=True, exist_ok=True)
+        claim_output_dir(tr.out, tr._out_state, overwrite=False)
         tr._write_json(tr.out / "lr_find.json", {k: v for k, v in dataclasses.asdict(res).items() if k != "plot_path"})
         import matplotlib
 
@@ -1139,24 +1447,40 @@ def lr_find(cfg: TrainConfig, *, pipe=None, divergence: float = 4.0) -> LRFindRe
 
 
 # --- command line -------------------------------------------------------------------------------
-def cli_train(config_path: str, overrides: dict[str, str], resume: str | None = None, profile: int = 0) -> int:
+def cli_train(config_path: str, overrides: dict[str, str], resume: str | None = None, profile: int = 0,
+              overwrite: bool = False) -> int:
     cfg = load_config(config_path, overrides)
-    trainer = Trainer(cfg, resume=resume, profile_steps=profile)
+    trainer = Trainer(cfg, resume=resume, profile_steps=profile, overwrite=overwrite)
+    sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
     try:
         trainer.setup()
         result = trainer.train()
     except TrainingOOM as e:
         print(f"fluxlab: {e}", file=sys.stderr)
         return EXIT_OOM
+    except TrainingDiverged as e:
+        if trainer.rank == 0:
+            print(f"fluxlab: error: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except RunInterrupted as e:
+        if trainer.rank == 0:
+            if getattr(trainer, "aborted_during", None) == "start-up":
+                print(f"fluxlab: {e} received during start-up: stopped before any step", file=sys.stderr)
+            else:
+                last = trainer._last_ckpt
+                print(f"fluxlab: {e} again: aborted at once at step {trainer.global_step}; "
+                      + (f"the last checkpoint is {last}\n  resume with: fluxlab train {config_path}{sets} "
+                         f"--resume latest" if last else "no checkpoint of this run was written"), file=sys.stderr)
+        return 128 + e.signum
     finally:
         trainer.close()
+    code = 128 + trainer.stop_signal if trainer.stop_signal else 0
     if trainer.rank != 0:
-        return 0
+        return code
     if result.interrupted:
-        sets = "".join(f" --set {k}={v}" for k, v in overrides.items())
         print(f"fluxlab: stopped at step {result.steps_done}; checkpoint {result.checkpoint_path}\n"
               f"  resume with: fluxlab train {config_path}{sets} --resume latest", file=sys.stderr)
-        return 0
+        return code
     losses = result.losses
     w = max(1, min(10, len(losses) // 4))
     first = float(np.mean(losses[:w])) if losses else float("nan")
@@ -1164,7 +1488,10 @@ def cli_train(config_path: str, overrides: dict[str, str], resume: str | None = 
     print(f"fluxlab: trained steps {result.start_step}->{result.steps_done} in {result.wall_s:.1f}s; "
           f"loss (mean of {w}) first {first:.4f} -> last {last:.4f}\n  LoRA: {result.lora_path}\n"
           f"  checkpoint: {result.checkpoint_path}\n  metrics: {trainer.out / 'metrics.jsonl'}")
-    return 0
+    if code:
+        print(f"fluxlab: {signal.Signals(trainer.stop_signal).name} arrived during the final save, which "
+              f"finished: the run is complete", file=sys.stderr)
+    return code
 
 
 def cli_lr_find(config_path: str, overrides: dict[str, str]) -> int:

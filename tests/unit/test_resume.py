@@ -119,8 +119,8 @@ def test_sigint_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(sha
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 0, stderr[-2000:]
-    assert "SIGINT received" in stderr
+    assert proc.returncode == 130, stderr[-2000:]  # 128 + SIGINT: an interrupted run is not a success
+    assert stderr.count("SIGINT received") == 1  # the main process alone speaks, not the workers
     assert f"fluxlab train {cfg} --resume latest" in stderr
     path, skipped = checkpoints.latest_checkpoint(out / "checkpoints")
     assert path is not None and not skipped
