@@ -1,4 +1,5 @@
-"""The results store: one SQLite file (WAL) of records with full provenance (DESIGN.md §5).
+"""The results store: one SQLite file (WAL) of records with full provenance
+(docs/ARCHITECTURE.md, "Records").
 
 A record is a flat JSON object: what was measured (`benchmark`, `verdict`, `ratio`, `ci_low`,
 `ci_high`, `samples`, `metrics`), under which parameters, and where/when (git, host, device, driver,

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
+
+from fluxlab._atomic import atomic_write_text
 
 
 def add(sub) -> None:
@@ -35,8 +36,7 @@ def run(args) -> int:
             if args.out in (None, "-"):
                 sys.stdout.write(text)
             else:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(text)
+                atomic_write_text(args.out, text)
                 print(f"{len(recs)} records written to {args.out}")
             return 0
         if args.results_cmd == "import":

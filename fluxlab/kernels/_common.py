@@ -1,7 +1,7 @@
 """Shared plumbing for the kernel families: evidence counters, fallback reasons, the
 FLUXLAB_DISABLE switch, and the one place that decides whether Triton can serve a tensor.
 
-Evidence rules (DESIGN.md §3): every fast-path launch bumps a counter named
+Evidence rules (docs/ARCHITECTURE.md, "Kernels"): every fast-path launch bumps a counter named
 "<family>.<pass>" (e.g. "rope.fwd"); every time a call takes the plain-PyTorch path instead,
 the reason is recorded under its family. Nothing here is thread-safe beyond the GIL; the
 counters are evidence, not accounting.
