@@ -201,7 +201,8 @@ def records_in(output: Path) -> list[dict]:
         return []
 
 
-def _error_of(exc: BaseException) -> str:
+def error_of(exc: BaseException) -> str:
+    """One line saying why a notebook run failed (the failing cell's exception when papermill names it)."""
     ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
     if ename:
         cell = getattr(exc, "exec_count", None)
@@ -239,7 +240,7 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
                                        execution_timeout=timeout, request_save_on_cell_execute=False,
                                        kernel_manager_class="fluxlab._kernel.QuietKernelManager")
     except Exception as exc:  # PapermillExecutionError, a dead kernel, a timeout...
-        return False, _error_of(exc)
+        return False, error_of(exc)
     return True, ""
 
 
@@ -272,7 +273,7 @@ def run(name: str | os.PathLike, preset: str = "ci", params: dict | None = None,
 def run_all(preset: str = "ci", *, runs_dir: str | os.PathLike = "runs", names=None,
             env: dict | None = None, progress: bool = False) -> list[RunResult]:
     """Every notebook that has a params/<preset>/ file, in NOTEBOOKS order (then any others)."""
-    return [run(n, preset, runs_dir=runs_dir, env=env, progress=progress) for n in (names or _run_all_names(preset))]
+    return [run(n, preset, runs_dir=runs_dir, env=env, progress=progress) for n in (names or run_all_names(preset))]
 
 
 def gpu_ids() -> list[str]:
@@ -290,7 +291,7 @@ def gpu_ids() -> list[str]:
     return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
-
-def _run_all_names(preset: str) -> list[str]:
+def run_all_names(preset: str) -> list[str]:
+    """The notebooks `run-all` runs: those with a params/<preset>/ file, in NOTEBOOKS order, then the rest."""
     have = [n for n in available() if preset_file(notebooks_dir() / f"{n}.ipynb", preset).exists()]
     return [n for n in NOTEBOOKS if n in have] + [n for n in have if n not in NOTEBOOKS]

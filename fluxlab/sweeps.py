@@ -18,7 +18,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from fluxlab.notebook import (_error_of, check_parameters, execute, gpu_ids, load_preset, records_in, resolve,
+from fluxlab.notebook import (check_parameters, error_of, execute, gpu_ids, load_preset, records_in, resolve,
                               utc_stamp)
 
 
@@ -111,7 +111,7 @@ def sweep(name: str | os.PathLike, preset: str = "full", grid: dict[str, list] |
                 try:
                     st = fut.result()
                 except Exception as exc:  # the worker itself died: this cell failed, the rest go on
-                    st = {"ok": False, "error": f"worker died: {_error_of(exc)}"}
+                    st = {"ok": False, "error": f"worker died: {error_of(exc)}"}
                     Path(spec["status"]).write_text(json.dumps({**st, "params": spec["params"]}, default=str))
                 done(i, varied, spec, st)
     return [results[i] for i in range(len(cells))]

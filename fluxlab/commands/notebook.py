@@ -43,7 +43,7 @@ def run(args) -> int:
         return 0 if res.ok else 1
     if args.nb_cmd == "run-all":
         results = []
-        for name in notebook._run_all_names(args.preset):
+        for name in notebook.run_all_names(args.preset):
             res = notebook.run(name, args.preset, runs_dir=runs_dir, timeout=timeout)
             print(f"{'ok' if res.ok else 'FAILED':<6} {res.seconds:>6.1f}s  {name}  -> {res.output}"
                   + (f"\n       error: {res.error}" if not res.ok else ""), flush=True)
