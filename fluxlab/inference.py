@@ -30,7 +30,7 @@ from fluxlab.measure.reports import (MiB, PERCENTILES, STAGES, DeterminismReport
                                     summarize_latency)
 from fluxlab.models import compile_blocks, default_device, default_dtype, load_pipeline
 # Quantization lives below training and inference (fluxlab.quant); the names stay importable here.
-from fluxlab.quant import QUANT_MODES, _require_bnb, bnb_config, quantize_transformer  # noqa: F401
+from fluxlab.quant import QUANT_MODES, require_bnb, bnb_config, quantize_transformer  # noqa: F401
 
 
 class PromptTruncationWarning(UserWarning):
@@ -241,7 +241,7 @@ class InferenceSession:
             # A real checkpoint: the documented diffusers path, quantizing while loading.
             from diffusers import FluxPipeline, FluxTransformer2DModel
 
-            _require_bnb(self.device)
+            require_bnb(self.device)
             tr = FluxTransformer2DModel.from_pretrained(
                 self.model, subfolder="transformer", quantization_config=bnb_config(self.quantize, self.dtype),
                 torch_dtype=self.dtype, local_files_only=True)

@@ -22,7 +22,8 @@ def bnb_config(mode: str, compute_dtype: torch.dtype = torch.bfloat16):
     raise ValueError(f"quantize must be one of {QUANT_MODES[1:]} here, got {mode!r}")
 
 
-def _require_bnb(device: torch.device):
+def require_bnb(device: torch.device):
+    """The bitsandbytes module, or a clear error when the device is not CUDA or the package is missing."""
     if device.type != "cuda":
         raise ValueError("quantize='nf4'/'int8' needs a CUDA device (bitsandbytes kernels); "
                          "set quantize='none' on the CPU")
@@ -43,7 +44,7 @@ def quantize_transformer(transformer: torch.nn.Module, mode: str, compute_dtype:
     sensitive-layer-wise too. Returns the number of layers replaced.
     """
     device = next(transformer.parameters()).device
-    bnb = _require_bnb(device)
+    bnb = require_bnb(device)
     cfg = bnb_config(mode, compute_dtype)
     replaced = 0
     for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
