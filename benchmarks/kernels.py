@@ -195,7 +195,8 @@ def _upcast(v):
 def check(case) -> dict:
     """Forward error of fluxlab and of eager bf16 against the reference run in float64, fresh inputs.
 
-    Passes when fluxlab's error is no worse than 2x eager bf16's own error (DESIGN's bf16 rule).
+    Passes when fluxlab's error is no worse than 2x eager bf16's own error (the bf16 rule in
+    docs/ARCHITECTURE.md, "Kernels").
     """
     ins = case["make"]()
     flat = lambda o: o if isinstance(o, tuple) else (o,)  # noqa: E731

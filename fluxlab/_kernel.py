@@ -19,6 +19,8 @@ from traitlets import default
 
 
 class QuietKernelManager(AsyncKernelManager):
+    _ipc_dir: str | None = None  # the private socket folder, made when the ip is first asked for
+
     @default("transport")
     def _default_transport(self) -> str:
         return "ipc"
@@ -36,6 +38,5 @@ class QuietKernelManager(AsyncKernelManager):
 
     def cleanup_ipc_files(self) -> None:
         super().cleanup_ipc_files()
-        ipc_dir = getattr(self, "_ipc_dir", None)
-        if ipc_dir:
-            shutil.rmtree(ipc_dir, ignore_errors=True)
+        if self._ipc_dir:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)

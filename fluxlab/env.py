@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 
-# The packages whose versions decide how a measurement came out (DESIGN.md §5 provenance).
+# The packages whose versions decide how a measurement came out (docs/ARCHITECTURE.md, "Records").
 PACKAGES = ("torch", "triton", "diffusers", "peft", "transformers", "papermill", "nbval")
 
 

@@ -1,6 +1,6 @@
 """Memory: per-step traces, stage profiles with budgets, leak verdicts, CUDA snapshots, a leak zoo.
 
-What is measured (DESIGN.md §5):
+What is measured (docs/ARCHITECTURE.md, "Measuring"):
 * CUDA: allocated, reserved and peak per step (`reset_peak_memory_stats` after each reading).
 * CPU: RSS (psutil), bytes in use on the C heap (glibc `mallinfo2`, which sees every tensor buffer,
   including the activations an autograd graph holds and Python cannot reach), and live tensor

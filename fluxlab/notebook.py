@@ -1,4 +1,4 @@
-"""The papermill runner: `fluxlab notebook run | run-all | sweep` (DESIGN.md §4).
+"""The papermill runner: one notebook, checked parameters, one output file (docs/ARCHITECTURE.md, "Notebooks").
 
 * Parameters are checked against `papermill.inspect_notebook` before anything runs, because
   papermill itself only warns on unknown names: an unknown or mistyped name is refused with a
@@ -6,9 +6,9 @@
 * `run` writes `runs/<name>/<utc-stamp>_<run_id>.ipynb` and reports failure (the CLI exits 1).
   The kernel gets FLUXLAB_RUN_ID / FLUXLAB_NOTEBOOK / FLUXLAB_PRESET in its environment so that
   every record the notebook writes (fluxlab.store) carries the run's id and the notebook's name.
-* `sweep` runs a parameter grid: one output notebook and one status file per grid cell, each in
-  its own process (so each can be pinned to one GPU with CUDA_VISIBLE_DEVICES). A failed cell
-  never stops the others; a re-run skips cells whose status says they succeeded, unless forced.
+
+Parameter grids are `fluxlab.sweeps`; the tables notebooks show are `fluxlab.tables`; the
+regression analysis is `fluxlab.measure.regression`; the command line is `fluxlab.commands.notebook`.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import difflib
-import hashlib
-import itertools
-import json
 import os
-import re
-import sys
+import shutil
+import subprocess
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
+
+from fluxlab.store import records_in_notebook
+
+from fluxlab.errors import UserError
+
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
 REPO = str(_CHECKOUT)  # notebooks resolve relative config paths against the source checkout
@@ -37,7 +39,7 @@ PRESETS = ("ci", "full")
 RECORD_MIME = "application/vnd.fluxlab.record+json"
 
 
-class ParameterError(ValueError):
+class ParameterError(UserError, ValueError):
     """A notebook parameter the notebook does not declare, or a value of the wrong type."""
 
 
@@ -195,15 +197,14 @@ def _environ(extra: dict[str, str]):
 
 def records_in(output: Path) -> list[dict]:
     """The records an executed notebook displayed (`RECORD_MIME` outputs)."""
-    from fluxlab.store import records_in_notebook
-
     try:
         return records_in_notebook(output)
     except Exception:  # a half-written output: no records rather than a second error
         return []
 
 
-def _error_of(exc: BaseException) -> str:
+def error_of(exc: BaseException) -> str:
+    """One line saying why a notebook run failed (the failing cell's exception when papermill names it)."""
     ename, evalue = getattr(exc, "ename", None), getattr(exc, "evalue", None)
     if ename:
         cell = getattr(exc, "exec_count", None)
@@ -241,7 +242,7 @@ def execute(nb_path: Path, output: Path, params: dict, *, run_id: str, preset: s
                                        execution_timeout=timeout, request_save_on_cell_execute=False,
                                        kernel_manager_class="fluxlab._kernel.QuietKernelManager")
     except Exception as exc:  # PapermillExecutionError, a dead kernel, a timeout...
-        return False, _error_of(exc)
+        return False, error_of(exc)
     return True, ""
 
 
@@ -274,66 +275,7 @@ def run(name: str | os.PathLike, preset: str = "ci", params: dict | None = None,
 def run_all(preset: str = "ci", *, runs_dir: str | os.PathLike = "runs", names=None,
             env: dict | None = None, progress: bool = False) -> list[RunResult]:
     """Every notebook that has a params/<preset>/ file, in NOTEBOOKS order (then any others)."""
-    return [run(n, preset, runs_dir=runs_dir, env=env, progress=progress) for n in (names or _run_all_names(preset))]
-
-
-# --- tables ------------------------------------------------------------------------------------
-def _fmt(x, spec=".3f") -> str:
-    return "-" if x is None else format(x, spec)
-
-
-def verdict_table(records: list[dict], results: list[RunResult] | None = None) -> str:
-    """(notebook, benchmark, verdict, ratio, 95% CI, reason) per record, plus a line for each run
-    that failed or recorded nothing. The reason is the record's `metrics.reason`; an `inconclusive`
-    row without one says so rather than leaving the reader to guess."""
-    def reason(r: dict) -> str:
-        why = str((r.get("metrics") or {}).get("reason") or "")
-        if not why and r.get("verdict") == "inconclusive":
-            return "(no reason recorded)"
-        return " ".join(why.split())  # one line per row
-
-    rows = [(str(r.get("notebook") or "-"), str(r.get("benchmark")),
-             "measured" if r.get("verdict") is None else str(r.get("verdict")), _fmt(r.get("ratio")),
-             "-" if r.get("ci_low") is None else f"[{_fmt(r.get('ci_low'))}, {_fmt(r.get('ci_high'))}]",
-             reason(r))
-            for r in records]
-    for res in results or []:
-        if not res.ok:
-            rows.append((res.name, "(notebook failed)", "error", "-", "-", " ".join(res.error.split())[:200]))
-        elif not res.records:
-            rows.append((res.name, "(no records)", "-", "-", "-", ""))
-    head = ("notebook", "benchmark", "verdict", "ratio", "95% CI", "reason")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join([line(head), line(tuple("-" * w for w in widths)), *map(line, rows)])
-
-
-# --- sweeps ------------------------------------------------------------------------------------
-@dataclass
-class CellResult:
-    key: str
-    params: dict
-    status: str  # "ok" | "failed" | "skipped"
-    output: str
-    error: str = ""
-    seconds: float = 0.0
-    gpu: str | None = None
-    records: int = 0
-
-
-def grid_cells(grid: dict[str, list]) -> list[dict]:
-    names = list(grid)
-    return [dict(zip(names, combo)) for combo in itertools.product(*(grid[n] for n in names))]
-
-
-def cell_key(params: dict, preset: str, swept=None) -> str:
-    """A stable, readable file name for one grid cell: the swept keys' values (`swept`, in grid
-    order; all parameters when None), then a short hash of the whole parameter set, so two sweeps
-    over different fixed values never collide. Each value is cut to 40 characters, never a key."""
-    text = json.dumps({"preset": preset, **params}, sort_keys=True, default=str)
-    keys = list(swept) if swept is not None else sorted(params)
-    parts = [re.sub(r"[^A-Za-z0-9._=-]+", "-", f"{k}={str(params[k])[:40]}").strip("-") for k in keys]
-    return f"{'__'.join(parts) or 'defaults'}__{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+    return [run(n, preset, runs_dir=runs_dir, env=env, progress=progress) for n in (names or run_all_names(preset))]
 
 
 def gpu_ids() -> list[str]:
@@ -342,9 +284,6 @@ def gpu_ids() -> list[str]:
     vis = os.environ.get("CUDA_VISIBLE_DEVICES")
     if vis is not None:
         return [g.strip() for g in vis.split(",") if g.strip()]
-    import shutil
-    import subprocess
-
     if not shutil.which("nvidia-smi"):
         return []
     try:
@@ -354,325 +293,7 @@ def gpu_ids() -> list[str]:
     return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU "))]
 
 
-def sweep(name: str | os.PathLike, preset: str = "full", grid: dict[str, list] | None = None, *,
-          workers: int = 1, force: bool = False, runs_dir: str | os.PathLike = "runs",
-          env: dict | None = None, timeout: float | None = None, on_cell=None) -> list[CellResult]:
-    """Run every cell of `grid` (name -> list of values) as its own notebook run.
-
-    Outputs are runs/<name>/sweep/<cell-key>.ipynb beside <cell-key>.json (the cell's status).
-    With `workers` > 1 the cells run in that many worker processes, each pinned to one GPU
-    (CUDA_VISIBLE_DEVICES, round robin over `gpu_ids()`); the kernels they launch inherit it.
-    """
-    nb_path = resolve(name)
-    base = check_parameters(nb_path, load_preset(nb_path, preset))
-    # Check every value of every cell before running any: a typo must not cost half a sweep.
-    cells = [check_parameters(nb_path, c) for c in grid_cells(grid or {})]
-    out_dir = Path(runs_dir) / nb_path.stem / "sweep"
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-    results: dict[int, CellResult] = {}
-    todo = []
-    for i, varied in enumerate(cells):
-        params = {**base, **varied}
-        key = cell_key(params, preset, swept=list(grid or {}))
-        status_file, output = out_dir / f"{key}.json", out_dir / f"{key}.ipynb"
-        prev = {}
-        if status_file.exists():
-            with contextlib.suppress(ValueError, OSError):
-                prev = json.loads(status_file.read_text())
-        if prev.get("ok") and not force:
-            results[i] = CellResult(key, varied, "skipped", str(output), records=prev.get("records", 0))
-            continue
-        todo.append((i, varied, {"nb_path": str(nb_path), "output": str(output), "params": params,
-                                 "preset": preset, "status": str(status_file), "timeout": timeout,
-                                 "env": dict(env or {})}))
-
-    def done(i: int, varied: dict, spec: dict, st: dict) -> None:
-        res = CellResult(Path(spec["output"]).stem, varied, "ok" if st.get("ok") else "failed", spec["output"],
-                         st.get("error", ""), st.get("seconds", 0.0), st.get("gpu"), st.get("records", 0))
-        results[i] = res
-        if on_cell:
-            on_cell(res)
-
-    gpus = gpu_ids()
-    if workers <= 1 or len(todo) <= 1:
-        for i, varied, spec in todo:
-            if gpus:
-                spec["env"].setdefault("CUDA_VISIBLE_DEVICES", gpus[0])
-            done(i, varied, spec, _run_cell(spec))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        ctx = mp.get_context("spawn")  # never fork a process that may hold CUDA or threads
-        pins = ctx.Queue()
-        n = min(workers, len(todo))
-        for w in range(n):
-            pins.put(gpus[w % len(gpus)] if gpus else "")
-        with ProcessPoolExecutor(n, mp_context=ctx, initializer=_pin_worker, initargs=(pins,)) as pool:
-            futures = {pool.submit(_run_cell, spec): (i, varied, spec) for i, varied, spec in todo}
-            for fut in as_completed(futures):
-                i, varied, spec = futures[fut]
-                try:
-                    st = fut.result()
-                except Exception as exc:  # the worker itself died: this cell failed, the rest go on
-                    st = {"ok": False, "error": f"worker died: {_error_of(exc)}"}
-                    Path(spec["status"]).write_text(json.dumps({**st, "params": spec["params"]}, default=str))
-                done(i, varied, spec, st)
-    return [results[i] for i in range(len(cells))]
-
-
-def _pin_worker(pins) -> None:
-    """Worker-process initializer: take one GPU for the life of the worker."""
-    gpu = pins.get()
-    if gpu:
-        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
-
-
-def _run_cell(spec: dict) -> dict:
-    """Run one sweep cell and write its status file (in the caller's process or a worker)."""
-    output = Path(spec["output"])
-    Path(spec["status"]).unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    ok, error = execute(Path(spec["nb_path"]), output, spec["params"], run_id=uuid.uuid4().hex[:12],
-                        preset=spec["preset"], env=spec.get("env"), timeout=spec.get("timeout"))
-    st = {"ok": ok, "error": error, "params": spec["params"], "output": str(output),
-          "records": len(records_in(output)), "seconds": round(time.perf_counter() - t0, 2),
-          "gpu": (spec.get("env") or {}).get("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES")),
-          "utc": utc_stamp()}
-    Path(spec["status"]).write_text(json.dumps(st, default=str))
-    return st
-
-
-def sweep_summary(results: list[CellResult]) -> str:
-    lines = [f"{'status':<8} {'seconds':>8}  cell"]
-    for r in results:
-        varied = ", ".join(f"{k}={v}" for k, v in r.params.items())
-        lines.append(f"{r.status:<8} {r.seconds:>8.1f}  {varied}" + (f"  [gpu {r.gpu}]" if r.gpu else ""))
-        if r.error:
-            lines.append(f"{'':<18}error: {r.error}")
-    n = {s: sum(r.status == s for r in results) for s in ("ok", "failed", "skipped")}
-    lines.append(f"{len(results)} cells: {n['ok']} ok, {n['failed']} failed, {n['skipped']} skipped "
-                 f"(succeeded before; --force re-runs them)")
-    return "\n".join(lines)
-
-
-# --- CLI ---------------------------------------------------------------------------------------
-def cli(args) -> int:
-    """`fluxlab notebook run | run-all | sweep` (see fluxlab.cli._add_notebook)."""
-    from fluxlab.cli import parse_pairs as _pairs
-    runs_dir = getattr(args, "runs_dir", None) or "runs"
-    timeout = getattr(args, "timeout", None)
-    if args.nb_cmd == "run":
-        res = run(args.name, args.preset, _pairs(args.params), runs_dir=runs_dir, timeout=timeout)
-        print(verdict_table(res.records, [res]))
-        print(f"{'ok' if res.ok else 'FAILED'} in {res.seconds:.1f}s: {res.output}")
-        if not res.ok:
-            print(f"error: {res.error}", file=sys.stderr)
-        return 0 if res.ok else 1
-    if args.nb_cmd == "run-all":
-        results = []
-        for name in _run_all_names(args.preset):
-            res = run(name, args.preset, runs_dir=runs_dir, timeout=timeout)
-            print(f"{'ok' if res.ok else 'FAILED':<6} {res.seconds:>6.1f}s  {name}  -> {res.output}"
-                  + (f"\n       error: {res.error}" if not res.ok else ""), flush=True)
-            results.append(res)
-        print()
-        print(verdict_table([r for res in results for r in res.records], results))
-        return 0 if all(r.ok for r in results) else 1
-    if args.nb_cmd == "sweep":
-        grid = {k: split_values(v) for k, v in _pairs(args.params).items()}
-        results = sweep(args.name, args.preset, grid, workers=args.workers, force=args.force, runs_dir=runs_dir, timeout=timeout,
-                        on_cell=lambda r: print(f"{r.status:<7} {r.key}", flush=True))
-        print(sweep_summary(results))
-        return 0 if all(r.status != "failed" for r in results) else 1
-    raise ValueError(f"unknown notebook command {args.nb_cmd!r}")
-
-
-def _run_all_names(preset: str) -> list[str]:
+def run_all_names(preset: str) -> list[str]:
+    """The notebooks `run-all` runs: those with a params/<preset>/ file, in NOTEBOOKS order, then the rest."""
     have = [n for n in available() if preset_file(notebooks_dir() / f"{n}.ipynb", preset).exists()]
     return [n for n in NOTEBOOKS if n in have] + [n for n in have if n not in NOTEBOOKS]
-
-
-# --- helpers the notebooks call (display only: no measuring, no deciding) -----------------------
-def _cell(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v).replace("|", "\\|").replace("\n", " ")
-
-
-def table_markdown(rows: list[dict], columns: list[str] | None = None) -> str:
-    """A Markdown table of `rows` (dicts), columns in first-seen order unless given."""
-    columns = columns or list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def show_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """Display rows as a table in the notebook (Markdown; plain text elsewhere)."""
-    from IPython.display import Markdown, display
-
-    display(Markdown(table_markdown(rows, columns) if rows else "_(no rows)_"))
-
-
-def browse(records: list[dict], label=lambda r: f"{r.get('benchmark')} {r.get('verdict')}",
-           fields: tuple[str, ...] = ("benchmark", "verdict", "ratio", "ci_low", "ci_high", "device_name",
-                                      "params", "metrics")) -> None:
-    """An ipywidgets browser over already-recorded results: a dropdown and the chosen record's
-    fields. The callback only formats a stored record; it never measures. Shown once headless."""
-    import ipywidgets as widgets
-    from IPython.display import display
-
-    if not records:
-        print("no records to browse")
-        return
-    pick = widgets.Dropdown(options=[(label(r), i) for i, r in enumerate(records)], description="record")
-    out = widgets.Output()
-
-    def render(change=None):
-        rec = records[pick.value]
-        out.clear_output()
-        with out:
-            display({"text/markdown": table_markdown([{"field": f, "value": json.dumps(rec.get(f), default=str)[:200]}
-                                                      for f in fields])}, raw=True)
-
-    pick.observe(render, names="value")
-    render()  # headless runs call it once
-    display(widgets.VBox([pick, out]))
-
-
-# --- regression analysis helpers (regression_analysis.ipynb) -------------------------------------
-# Names benchmarks give the measured side of {candidate, baseline} samples (older records included).
-CANDIDATE_KEYS = ("candidate", "variant", "impl", "ddp")
-
-
-def series_samples(rec: dict) -> list[float] | None:
-    """The times a record's series tracks: the candidate's samples of a comparison record, or a
-    flat list of samples; None when the record holds fewer than 3 numbers."""
-    s = rec.get("samples")
-    if isinstance(s, dict):
-        # The measured side of a comparison record. Never guess from key order: the store sorts
-        # keys, so the first one is as likely the baseline ("baseline", "compiled", "single").
-        s = next((s[k] for k in CANDIDATE_KEYS if k in s), None)
-    if isinstance(s, list) and len(s) >= 3 and all(isinstance(x, (int, float)) and x > 0 for x in s):
-        return [float(x) for x in s]
-    return None
-
-
-def _key_fields(key: tuple) -> dict:
-    benchmark, device, params = key
-    return {"benchmark": benchmark, "device": device, "params": params}
-
-
-def latest_vs_baseline(groups: dict, baseline: str = "first") -> list[dict]:
-    """Per series (one benchmark, device and parameter set; `store.series` groups them): the
-    latest record's samples against the first (or previous) record's, by `bench.compare`.
-    ratio > 1 means the latest run is faster."""
-    from fluxlab import bench
-
-    if baseline not in ("first", "previous"):
-        raise ValueError(f"baseline must be 'first' or 'previous', got {baseline!r}")
-    rows = []
-    for key, recs in groups.items():
-        timed = [r for r in recs if series_samples(r)]
-        if len(timed) < 2:
-            continue
-        base, latest = (timed[0] if baseline == "first" else timed[-2]), timed[-1]
-        devices = {str(r.get("device_name") or r.get("device")) for r in (base, latest)}
-        assert len(devices) == 1, f"series {key} mixes devices {devices}"  # internal invariant
-        # The latest record's own evidence (checked when it was measured), when it has any.
-        ev = (latest.get("metrics") or {}).get("evidence")
-        evidence = bench.Evidence(ran=bool(ev.get("ran")), reason=str(ev.get("reason", ""))) \
-            if isinstance(ev, dict) and "ran" in ev else None
-        c = bench.compare(series_samples(base), series_samples(latest), evidence=evidence)
-        change = {"slower": "regression", "faster": "improvement"}.get(c.timing_verdict, "-")
-        rows.append({**_key_fields(key), "n_records": len(timed), "baseline_id": base["id"][:8],
-                     "latest_id": latest["id"][:8], "ratio": c.ratio, "ci_low": c.ci_low, "ci_high": c.ci_high,
-                     "verdict": c.verdict, "timing": c.timing_verdict, "change": change, "reason": c.reason})
-    return rows
-
-
-def change_point_scan(groups: dict, min_points: int = 6) -> list[dict]:
-    """`bench.change_points` over each series' per-record medians (series with >= min_points)."""
-    import numpy as np
-
-    from fluxlab import bench
-
-    rows = []
-    for key, recs in groups.items():
-        med = [float(np.median(series_samples(r))) for r in recs if series_samples(r)]
-        if len(med) < min_points:
-            continue
-        cps = bench.change_points(med)
-        bounds = [0, *cps, len(med)]
-        for j, cp in enumerate(cps):
-            before = float(np.mean(med[bounds[j]:cp]))
-            after = float(np.mean(med[cp:bounds[j + 2]]))
-            rows.append({**_key_fields(key), "index": cp, "before_ms": before, "after_ms": after,
-                         "change": "regression" if after > before else "improvement"})
-        if not cps:
-            rows.append({**_key_fields(key), "index": None, "before_ms": None, "after_ms": None, "change": "-"})
-    return rows
-
-
-def synthetic_history(n: int = 12, shift_at: int | None = 8, shift: float = 0.15, cv: float = 0.02,
-                      samples: int = 15, seed: int = 0, benchmark: str = "control/planted") -> list[dict]:
-    """A made-up series (device "synthetic") whose times rise by `shift` from record `shift_at`
-    on (None: no shift): the positive and negative controls of the regression analysis."""
-    import numpy as np
-
-    from fluxlab import bench
-
-    rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        mean = 1.0 + (shift if shift_at is not None and i >= shift_at else 0.0)
-        out.append({"id": f"{benchmark}-{i:04d}".ljust(12, "0"), "benchmark": benchmark, "device": "synthetic",
-                    "device_name": "synthetic", "params": {"shift_at": shift_at, "shift": shift},
-                    "utc": f"2000-01-01T00:00:{i:02d}Z", "verdict": None,
-                    "samples": {"candidate": bench.lognormal_samples(rng, samples, cv=cv, mean=mean).tolist()}})
-    return out
-
-
-def measured_controls(trials: int = 30, repeats: int = 15, warmup: int = 2, device="cpu", seed: int = 0,
-                      planted: float = 0.5) -> dict:
-    """Real A/A and planted comparisons on this machine, each timed interleaved `trials` times.
-
-    A/A: a 96x96 matmul against itself. Planted: against a 121x121 matmul, whose (121/96)^3 = 2.0x
-    the work is a known slowdown. Torch runs on one thread here, as two threads on two shared
-    cores would time the scheduler, not the op. Returns verdict counts per control and rates."""
-    from collections import Counter
-
-    import torch
-
-    from fluxlab import bench
-
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(96, 96, generator=g).to(device)
-    b = torch.randn(121, 121, generator=g).to(device)
-    same = bench.Evidence(ran=True, reason="control: both sides run the code under test")
-    counts = {"aa": Counter(), "planted": Counter()}
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for _ in range(trials):
-            m = bench.run({"A": lambda: a @ a, "A'": lambda: a @ a, "B": lambda: b @ b}, repeats=repeats,
-                          warmup=warmup, device=device)
-            counts["aa"][bench.compare(m.samples["A"], m.samples["A'"], evidence=same).verdict] += 1
-            counts["planted"][bench.compare(m.samples["A"], m.samples["B"], evidence=same).verdict] += 1
-    finally:
-        torch.set_num_threads(threads)
-    aa, pl = counts["aa"], counts["planted"]
-    return {"trials": trials, "aa_verdicts": dict(aa), "planted_verdicts": dict(pl),
-            "aa_false_positive_rate": (aa["faster"] + aa["slower"]) / trials,
-            "aa_decisive_rate": aa["no-difference"] / trials,
-            "planted_detection_rate": pl["slower"] / trials, "planted_work_ratio": (121 / 96) ** 3}
-
-
-def false_positive_bound(trials: int, rate: float = 0.01, level: float = 0.999) -> int:
-    """The most false positives `trials` A/A comparisons may show when the true rate is `rate`
-    (the binomial `level` quantile): more than this and the rule is miscalibrated here."""
-    from scipy import stats
-
-    return int(stats.binom.ppf(level, trials, rate))

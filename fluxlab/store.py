@@ -1,4 +1,5 @@
-"""The results store: one SQLite file (WAL) of records with full provenance (DESIGN.md §5).
+"""The results store: one SQLite file (WAL) of records with full provenance
+(docs/ARCHITECTURE.md, "Records").
 
 A record is a flat JSON object: what was measured (`benchmark`, `verdict`, `ratio`, `ci_low`,
 `ci_high`, `samples`, `metrics`), under which parameters, and where/when (git, host, device, driver,
@@ -412,30 +413,3 @@ def series(records: Iterable[dict]) -> dict[tuple[str, str, str], list[dict]]:
     for rec in records:
         out.setdefault(series_key(rec), []).append(rec)
     return {k: sorted(v, key=lambda r: r.get("utc") or "") for k, v in out.items()}
-
-
-def cli(args) -> int:
-    """`fluxlab results export|import|harvest` (`results list` is `fluxlab.cli._results_list`)."""
-    try:
-        if args.results_cmd == "export":
-            recs = query(args.store)
-            text = export_records("json" if args.json else "csv", records=recs)
-            if args.out in (None, "-"):
-                sys.stdout.write(text)
-            else:
-                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.out).write_text(text)
-                print(f"{len(recs)} records written to {args.out}")
-            return 0
-        if args.results_cmd == "import":
-            n = import_jsonl(args.path, args.store)
-            print(f"{n} new records imported from {args.path} into {_path(args.store)}")
-            return 0
-        if args.results_cmd == "harvest":
-            n = harvest(args.path, args.store)
-            print(f"{n} new records harvested from {args.path} into {_path(args.store)}")
-            return 0
-    except StoreError as e:
-        print(f"fluxlab: error: {e}", file=sys.stderr)
-        return 2
-    raise ValueError(f"unknown results command {args.results_cmd!r}")

@@ -1,4 +1,4 @@
-"""nbval settings for the fluxlab notebooks (DESIGN.md §4).
+"""nbval settings for the fluxlab notebooks (docs/ARCHITECTURE.md, "Notebooks").
 
 A record (`fluxlab.store.record`) is shown as `application/vnd.fluxlab.record+json`; it carries a run id,
 a UTC time and raw timings, so it differs on every run and is never compared. CI copies this file next to

@@ -1,7 +1,7 @@
 """Shared plumbing for the kernel families: evidence counters, fallback reasons, the
 FLUXLAB_DISABLE switch, and the one place that decides whether Triton can serve a tensor.
 
-Evidence rules (DESIGN.md §3): every fast-path launch bumps a counter named
+Evidence rules (docs/ARCHITECTURE.md, "Kernels"): every fast-path launch bumps a counter named
 "<family>.<pass>" (e.g. "rope.fwd"); every time a call takes the plain-PyTorch path instead,
 the reason is recorded under its family. Nothing here is thread-safe beyond the GIL; the
 counters are evidence, not accounting.
@@ -10,10 +10,12 @@ counters are evidence, not accounting.
 from __future__ import annotations
 
 import os
-from collections import Counter
 from contextlib import contextmanager
 
 import torch
+
+# The counters themselves live in the measurement layer, which reads them as evidence.
+from fluxlab.measure import counters as _evidence
 
 FAMILIES = ("rope", "qk_norm_rope", "adaln", "sparse_delta")
 DISABLE_ENV = "FLUXLAB_DISABLE"
@@ -31,9 +33,6 @@ except Exception as exc:  # pragma: no cover - exercised only on hosts without t
     HAVE_TRITON = False
     _TRITON_IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
-_COUNTS: Counter[str] = Counter()
-_FALLBACKS: dict[str, list[str]] = {}
-
 # Dtypes the kernels are written for. Math runs in fp32 (fp64 for fp64 inputs, so gradcheck
 # exercises the Triton path itself).
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -41,7 +40,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 def counters() -> dict[str, int]:
     """Fast-path launches so far, keyed "<family>.<pass>"; `family_totals()` sums per family."""
-    return dict(_COUNTS)
+    return _evidence.counters()
 
 
 def family_totals(counts: dict[str, int] | None = None) -> dict[str, int]:
@@ -55,25 +54,22 @@ def family_totals(counts: dict[str, int] | None = None) -> dict[str, int]:
 
 def reset_counters() -> None:
     """Zero the counters and forget the fallback reasons."""
-    _COUNTS.clear()
-    _FALLBACKS.clear()
+    _evidence.reset()
 
 
 def fallbacks() -> dict[str, list[str]]:
     """family -> the distinct reasons a call took the reference path, in first-seen order."""
-    return {k: list(v) for k, v in _FALLBACKS.items()}
+    return _evidence.fallbacks()
 
 
 def count(key: str) -> None:
     family = key.split(".", 1)[0]
     assert family in FAMILIES, key  # internal invariant: keys are "<family>.<pass>"
-    _COUNTS[key] += 1
+    _evidence.bump(key)
 
 
 def record_fallback(family: str, reason: str) -> None:
-    reasons = _FALLBACKS.setdefault(family, [])
-    if reason not in reasons:
-        reasons.append(reason)
+    _evidence.record_fallback(family, reason)
 
 
 # Other fast paths FLUXLAB_DISABLE can switch off (validation targets honour them); one parser

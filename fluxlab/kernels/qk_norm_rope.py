@@ -271,6 +271,8 @@ def gradcheck_cases() -> list[tuple[str, object, tuple]]:
 # --- the diffusers attention processor that patch() installs -----------------------------------------
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor  # noqa: E402, F401
 
+# attention and kernels are both model layer: the fused processor builds on attention's (SDPA
+# backend + the cuDNN fix), and attention never imports the kernels (docs/ARCHITECTURE.md, "Layers").
 from fluxlab.attention import FluxlabAttnProcessor  # noqa: E402
 
 

@@ -15,10 +15,11 @@ failed check into `did-not-run`, whatever the timing says.
 
 from __future__ import annotations
 
-import importlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
+
+from fluxlab.measure import counters as _counters
 
 # Anchored names of the SDPA backends' kernels and CPU ops (fullmatch). cuDNN's fused kernels are
 # generated per shape ("..._knob_7_64x128x128_..."), flash's are C++ templates.
@@ -54,12 +55,12 @@ def attention_backends(names: Iterable[str]) -> set[str]:
 
 
 def _kernel_counters() -> dict:
-    # Looked up at call time (measure sits below the model layer that holds the kernels).
-    return importlib.import_module("fluxlab.kernels").counters()
+    # The kernels (model layer) write these counters; measure reads them from below.
+    return _counters.counters()
 
 
 def _kernel_fallbacks() -> dict:
-    return importlib.import_module("fluxlab.kernels").fallbacks()
+    return _counters.fallbacks()
 
 
 @dataclass

@@ -21,7 +21,7 @@ DTYPES = (torch.float32, torch.bfloat16, torch.float16) if CUDA else (torch.floa
 TILE_DTYPES = DTYPES if CUDA else (torch.float32,)
 # Fast vs the same-dtype reference in fp32, where both are accurate and differ only in operation
 # order. In bf16/fp16 the reference's own rounding (low-precision intermediates in its backward) can
-# exceed a few ulps, so those are judged only against the fp64 truth, as DESIGN.md asks.
+# exceed a few ulps, so those are judged only against the fp64 truth, as docs/ARCHITECTURE.md ("Kernels") asks.
 CLOSE = {torch.float32: dict(rtol=1e-5, atol=1e-5)}
 
 # Shapes of thousands of rows: the interpreter runs them for minutes, a GPU in milliseconds.

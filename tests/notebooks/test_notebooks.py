@@ -1,4 +1,4 @@
-"""The notebook suite on the CPU (ci preset), the way CI runs it (DESIGN.md §4):
+"""The notebook suite on the CPU (ci preset), the way CI runs it (docs/ARCHITECTURE.md, "Notebooks"):
 
 1. each notebook through papermill via the runner: exit status, output under runs/, records in the store;
 2. its papermill-prepared copy under `pytest --nbval-lax` with notebooks/nbval_sanitize.cfg and

@@ -9,7 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from fluxlab import cli, notebook
+from fluxlab import cli, notebook, sweeps, tables
 
 PARAMS = '''x: int = 1  # grid value; 2 fails on purpose
 rate: float = 0.5  # a float
@@ -112,7 +112,7 @@ def test_sweep_runs_every_cell_skips_successes_and_lists_failures(nb, tmp_path, 
     seen.mkdir()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # two "GPUs": each worker is pinned to one
     grid = {"x": ["1", "2", "3"], "out_dir": [str(seen)]}
-    first = notebook.sweep(nb, "ci", grid, workers=2, runs_dir=tmp_path / "runs")
+    first = sweeps.sweep(nb, "ci", grid, workers=2, runs_dir=tmp_path / "runs")
     status = {r.params["x"]: r for r in first}
     assert [status[x].status for x in (1, 2, 3)] == ["ok", "failed", "ok"]  # the failure did not stop x=3
     assert "AssertionError" in status[2].error and "planted failure" in status[2].error
@@ -120,24 +120,24 @@ def test_sweep_runs_every_cell_skips_successes_and_lists_failures(nb, tmp_path, 
         assert Path(r.output).exists()  # each cell has its own output notebook, the failed one too
     gpus = {json.loads((seen / f"cell_{x}_a.json").read_text())["gpu"] for x in (1, 2, 3)}
     assert gpus <= {"5", "7"}  # one GPU per cell, never the whole list
-    summary = notebook.sweep_summary(first)
+    summary = sweeps.sweep_summary(first)
     assert "failed" in summary and "planted failure" in summary
 
     # Re-run: the successes are skipped, the failure runs again.
     for f in seen.iterdir():
         f.unlink()
-    second = notebook.sweep(nb, "ci", grid, workers=2, runs_dir=tmp_path / "runs")
+    second = sweeps.sweep(nb, "ci", grid, workers=2, runs_dir=tmp_path / "runs")
     assert {r.params["x"]: r.status for r in second} == {1: "skipped", 2: "failed", 3: "skipped"}
     assert sorted(p.name for p in seen.iterdir()) == ["cell_2_a.json"]
 
     # --force runs everything again.
-    forced = notebook.sweep(nb, "ci", {"x": ["1"], "out_dir": [str(seen)]}, force=True, runs_dir=tmp_path / "runs")
+    forced = sweeps.sweep(nb, "ci", {"x": ["1"], "out_dir": [str(seen)]}, force=True, runs_dir=tmp_path / "runs")
     assert [r.status for r in forced] == ["ok"]
 
 
 def test_sweep_refuses_a_bad_value_before_running_anything(nb, tmp_path):
     with pytest.raises(notebook.ParameterError, match="expects int"):
-        notebook.sweep(nb, "ci", {"x": ["1", "two"]}, runs_dir=tmp_path / "runs")
+        sweeps.sweep(nb, "ci", {"x": ["1", "two"]}, runs_dir=tmp_path / "runs")
     assert not (tmp_path / "runs").exists()
 
 
@@ -145,13 +145,13 @@ def test_verdict_table_lists_records_and_failed_runs():
     recs = [{"notebook": "validation_session", "benchmark": "rope", "verdict": "faster", "ratio": 1.5,
              "ci_low": 1.4, "ci_high": 1.6}]
     failed = notebook.RunResult("memory_graphs", "x.ipynb", False, {}, "id", 1.0, error="AssertionError: leak")
-    table = notebook.verdict_table(recs, [failed])
+    table = tables.verdict_table(recs, [failed])
     assert "rope" in table and "faster" in table and "1.500" in table and "[1.400, 1.600]" in table
     assert "memory_graphs" in table and "AssertionError: leak" in table
 
 
 def test_series_samples_track_the_measured_side_whatever_the_key_order():
-    from fluxlab.notebook import series_samples
+    from fluxlab.measure.regression import series_samples
 
     base, cand = [10.0, 11.0, 12.0], [5.0, 6.0, 7.0]
     # The store sorts keys: "baseline" comes first, and must not be mistaken for the measured side.

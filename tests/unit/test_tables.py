@@ -1,21 +1,21 @@
 """What the CLI tables tell a reader: sweep files named by the swept keys, `results list` with a
 header and no `None`, and the reason beside every `inconclusive` verdict."""
 
-from fluxlab import cli, notebook, store
+from fluxlab import cli, store, sweeps, tables
 
 LONG = {"model": "tiny", "prompt": "a red circle on a white background " * 4, "seeds": list(range(20)),
         "peak_budget_mb": 4096.0, "max_sequence_length": 64, "leftover_budget_mb": 64.0}
 
 
 def test_sweep_cell_names_start_with_the_swept_keys():
-    a = notebook.cell_key({**LONG, "steps": 2, "warmup": 1}, "ci", swept=["warmup", "steps"])
-    b = notebook.cell_key({**LONG, "steps": 4, "warmup": 1}, "ci", swept=["warmup", "steps"])
+    a = sweeps.cell_key({**LONG, "steps": 2, "warmup": 1}, "ci", swept=["warmup", "steps"])
+    b = sweeps.cell_key({**LONG, "steps": 4, "warmup": 1}, "ci", swept=["warmup", "steps"])
     assert a.startswith("warmup=1__steps=2__") and b.startswith("warmup=1__steps=4__")
     # Fixed parameters stay out of the name but not out of the hash: other fixed values, other file.
-    c = notebook.cell_key({**LONG, "model": "flux1-dev", "steps": 2, "warmup": 1}, "ci", swept=["warmup", "steps"])
+    c = sweeps.cell_key({**LONG, "model": "flux1-dev", "steps": 2, "warmup": 1}, "ci", swept=["warmup", "steps"])
     assert c.split("__")[:2] == a.split("__")[:2] and c != a
     # A long swept value is cut, its key never is.
-    d = notebook.cell_key(LONG, "ci", swept=["prompt", "model"])
+    d = sweeps.cell_key(LONG, "ci", swept=["prompt", "model"])
     assert "__model=tiny__" in d and len(d.split("__")[0]) <= len("prompt=") + 40
 
 
@@ -26,7 +26,7 @@ def _rec(verdict, reason=None, **kw):
 
 def test_verdict_table_gives_the_reason_beside_every_inconclusive_row():
     why = "n=4 per side: the smallest one-sided p reachable is 0.014 > 0.01"
-    table = notebook.verdict_table([_rec("inconclusive", why), _rec("inconclusive"), _rec(None),
+    table = tables.verdict_table([_rec("inconclusive", why), _rec("inconclusive"), _rec(None),
                                     _rec("faster", "p=1e-6, ratio 1.31 > 1.05", ratio=1.31)])
     head, _, *rows = table.splitlines()
     assert head.split()[-1] == "reason"
