@@ -26,9 +26,8 @@ from pathlib import Path
 
 import yaml
 
-from fluxlab.store import records_in_notebook
-
 from fluxlab.errors import UserError
+from fluxlab.store import records_in_notebook
 
 
 _CHECKOUT = Path(__file__).resolve().parent.parent
