@@ -11,6 +11,7 @@ candidate interleaved with the candidate's evidence checked in that loop, and wr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
             fields = c.record_fields()
             store.record(f"validation/{T.name}", samples=m.samples, store=db, display=False, device=dev,
                          params={"target": T.name, "shape": list(shape), "dtype": str(dt).replace("torch.", ""),
-                                 "baseline": next(iter(T.baselines)), "repeats": a.repeats, "preset": a.preset},
+                                 "baseline": next(iter(T.baselines)), "repeats": a.repeats, "preset": a.preset,
+                                 **({"disabled": os.environ["FLUXLAB_DISABLE"]} if os.environ.get("FLUXLAB_DISABLE") else {})},
                          notebook="benchmarks.validate",
                          **{**fields, "metrics": {**fields["metrics"], "correctness": check, "timing": m.to_dict()}})
             print(f"[{name}] {list(shape)} correct={check['ok']} ({check['max_abs_err']:.2e} <= {check['bound']:.2e})"

@@ -19,7 +19,11 @@ CANDIDATE_KEYS = ("candidate", "variant", "impl", "ddp")
 
 def series_samples(rec: dict) -> list[float] | None:
     """The times a record's series tracks: the candidate's samples of a comparison record, or a
-    flat list of samples; None when the record holds fewer than 3 numbers."""
+    flat list of samples; None when the record holds fewer than 3 numbers, or when its evidence
+    shows the fast path did not run (those times are not the fast path's: e.g. a planted control)."""
+    evidence = (rec.get("metrics") or {}).get("evidence")
+    if isinstance(evidence, dict) and evidence.get("ran") is False:
+        return None
     s = rec.get("samples")
     if isinstance(s, dict):
         # The measured side of a comparison record. Never guess from key order: the store sorts

@@ -159,3 +159,6 @@ def test_series_samples_track_the_measured_side_whatever_the_key_order():
         assert series_samples({"samples": {"baseline": base, key: cand}}) == cand
     assert series_samples({"samples": {"baseline": base, "compiled": base}}) is None
     assert series_samples({"samples": cand}) == cand
+    # A record whose fast path did not run is not a point in the fast path's history.
+    assert series_samples({"samples": cand, "metrics": {"evidence": {"ran": False}}}) is None
+    assert series_samples({"samples": cand, "metrics": {"evidence": {"ran": True}}}) == cand
