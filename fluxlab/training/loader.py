@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,8 +86,7 @@ def open_dataset(cfg: TrainConfig, world: int) -> ImageCaptionDataset:
 
 @dataclass
 class TrainData:
-    batch_sampler: BucketBatchSampler
-    loader: torch.utils.data.DataLoader
+    batches: "Batches"
     val_items: list[dict]
     """The held-out items (the last validation_size images), always with latents: no augmentation."""
     latent_cache: LatentCache
@@ -145,7 +145,7 @@ def build_data(cfg: TrainConfig, ds: ImageCaptionDataset, pipe, rank: int, world
         # Its own generator: each iter() draws a base seed, and from the global RNG that draw
         # would shift dropout masks whenever a resumed run re-creates the iterator.
         generator=torch.Generator().manual_seed(cfg.seed))
-    return TrainData(sampler, loader, val_items, latent_cache, every_step,
+    return TrainData(Batches(loader, sampler), val_items, latent_cache, every_step,
                      {"latent": latent_cache.stats(), "text": text_cache.stats()})
 
 
@@ -162,12 +162,57 @@ def warn_long_captions(ds: ImageCaptionDataset, pipe, limit: int) -> None:
                       f"be truncated: {shown}; shorten them or raise max_sequence_length", stacklevel=3)
 
 
-def close_loader(loader, iterator) -> None:
-    """Stop the DataLoader workers now, through the loader's own sentinel shutdown. They ignore
-    SIGTERM (see `worker_ignores_signals`), so they must not be left to the interpreter's exit,
-    which terminates daemonic children with SIGTERM and would then wait for them forever."""
-    for it in (iterator, getattr(loader, "_iterator", None)):
-        if it is not None and hasattr(it, "_shutdown_workers"):
-            it._shutdown_workers()
-    if loader is not None and hasattr(loader, "_iterator"):
-        loader._iterator = None
+class Batches:
+    """The training batches in order, crossing epochs, and where they stand: `epoch` and the
+    batches `consumed` in it (what a checkpoint records, and what resuming restores)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, sampler: BucketBatchSampler):
+        self.loader, self.sampler = loader, sampler
+        self.epoch, self.consumed = 0, 0
+        self._iter = None                      # the loader's iterator in the current epoch
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return self.epoch, self.consumed
+
+    def next(self) -> dict:
+        """The next batch from the bucketed loader, crossing epochs; advances (epoch, consumed)."""
+        while True:
+            if self._iter is None:
+                self.sampler.set_epoch(self.epoch)
+                self._iter = iter(self.loader)
+            try:
+                batch = next(self._iter)
+            except StopIteration:
+                self._iter = None
+                self.epoch, self.consumed = self.epoch + 1, 0
+                continue
+            self.consumed += 1
+            return batch
+
+    def fetch(self, n: int) -> tuple[list[dict], float]:
+        """The `n` micro-batches of one step and the seconds spent waiting for them."""
+        t = time.perf_counter()
+        micro = [self.next() for _ in range(n)]
+        return micro, time.perf_counter() - t
+
+    def seek(self, epoch: int, consumed: int) -> None:
+        """Stand at (epoch, consumed) (resume, or rewinding a failed step before its checkpoint)."""
+        self.epoch, self.consumed = epoch, consumed
+        self.sampler.set_epoch(epoch)
+
+    def state_dict(self, position: tuple[int, int]) -> dict:
+        """The sampler's state at `position` (the loader may already serve batches past it)."""
+        epoch, consumed = position
+        return {**self.sampler.state_dict(consumed=consumed), "epoch": epoch}
+
+    def close(self) -> None:
+        """Stop the DataLoader workers now, through the loader's own sentinel shutdown. They ignore
+        SIGTERM (see `worker_ignores_signals`), so they must not be left to the interpreter's exit,
+        which terminates daemonic children with SIGTERM and would then wait for them forever."""
+        for it in (self._iter, getattr(self.loader, "_iterator", None)):
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+        self._iter = None
+        if hasattr(self.loader, "_iterator"):
+            self.loader._iterator = None

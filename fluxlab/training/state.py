@@ -140,17 +140,17 @@ class CheckpointManager:
     and keep the last `keep_last`. `last` is the newest checkpoint of this run (written or resumed)."""
 
     def __init__(self, cfg: TrainConfig, root: Path, resume, rank: int, world: int):
-        self.cfg, self.root, self.resume, self.rank, self.world = cfg, root, resume, rank, world
+        self.cfg, self.root, self.which, self.rank, self.world = cfg, root, resume, rank, world
         self.last: Path | None = None
         self._candidates: list[Path] = []
 
     def find(self):
         """Pick, verify and load the checkpoint to resume (before the model loads); None to start
         fresh. `--resume latest` tries the newest first and falls back past any that fails."""
-        if self.resume is None:
+        if self.which is None:
             return None
-        if str(self.resume) != "latest":
-            self._candidates = [Path(self.resume)]
+        if str(self.which) != "latest":
+            self._candidates = [Path(self.which)]
             return self.next()
         self._candidates = [p for _, p in checkpoints.list_checkpoints(self.root)]
         if not self._candidates:
@@ -165,7 +165,7 @@ class CheckpointManager:
             try:
                 ckpt = checkpoints.load_checkpoint(path)  # CheckpointError names the bad file
             except CheckpointError as e:
-                if str(self.resume) != "latest":
+                if str(self.which) != "latest":
                     raise
                 say(self.rank, f"fluxlab: skipping corrupt checkpoint {path}: {e}")
                 continue
@@ -188,11 +188,24 @@ class CheckpointManager:
             raise ConfigError(f"world_size: {path} was written by {ckpt.meta.get('world_size')} process(es), "
                               f"this run has {self.world}; resume with the same number of processes")
 
-    def restore(self, ckpt, params: dict, optimizer, lr_scheduler, sampler) -> tuple[int, int] | None:
+    def resume(self, ckpt, params: dict, optimizer, lr_scheduler, sampler) -> tuple[int, int] | None:
+        """`restore` `ckpt`, or with `latest` the next older one that restores; returns what
+        `restore` returns (None when there is nothing to resume)."""
+        while ckpt is not None:
+            try:
+                return self.restore(ckpt, params, optimizer, lr_scheduler, sampler)
+            except CheckpointError as e:
+                if str(self.which) != "latest":
+                    raise
+                say(self.rank, f"fluxlab: skipping checkpoint {ckpt.path}: {e}")
+                ckpt = self.next()
+        return None
+
+    def restore(self, ckpt, params: dict, optimizer, lr_scheduler, sampler) -> tuple[int, int, int]:
         """Restore the model, optimizer, scheduler, sampler and RNG from a loaded checkpoint;
-        returns the sampler's (epoch, consumed), or None without a sampler. Everything is checked
-        against this model before anything changes; any failure is a CheckpointError naming the
-        file (a checkpoint that hashes fine can still be unusable)."""
+        returns (step, epoch, consumed) (epoch and consumed 0 without a sampler). Everything is
+        checked against this model before anything changes; any failure is a CheckpointError
+        naming the file (a checkpoint that hashes fine can still be unusable)."""
         tfile, sfile = ckpt.path / checkpoints.TENSORS_FILE, ckpt.path / checkpoints.STATE_FILE
         hint = checkpoints.RESUME_HINT
         missing = sorted(set(params) - set(ckpt.tensors))
@@ -212,7 +225,7 @@ class CheckpointManager:
                 raise CheckpointError(f"{sfile}: lacks {key!r}; {hint}")
         if not isinstance(state["rng_per_rank"], list) or len(state["rng_per_rank"]) <= self.rank:
             raise CheckpointError(f"{sfile}: no RNG state for rank {self.rank}; {hint}")
-        position = None
+        position = 0, 0
         try:
             with torch.no_grad():
                 for name, p in params.items():
@@ -228,7 +241,7 @@ class CheckpointManager:
                                   f"{hint}") from e
         self.last = ckpt.path
         say(self.rank, f"fluxlab: resumed from {ckpt.path} at step {ckpt.step}")
-        return position
+        return (ckpt.step, *position)
 
     def save(self, step: int, params: dict, optimizer, lr_scheduler, sampler: dict, val_loss, gather) -> Path:
         """Every rank calls this (`gather` collects the per-rank RNG states); rank 0 writes and prunes.

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from fluxlab import checkpoints
 from fluxlab.caches import PositionIdCache
-from fluxlab.checkpoints import CheckpointError
 from fluxlab.config import TrainConfig, save_config
 from fluxlab.training import loader, objective, observe, setup as build, state
 from fluxlab.training.observe import TrainingOOM, TrainResult
@@ -35,10 +34,8 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.rank, self.world, self.device, self.dtype = 0, 1, None, None  # set by setup()
         self.global_step = 0                   # optimizer steps done
-        self.epoch = 0                         # data position: epoch and batches consumed in it
-        self.consumed = 0
         self.data: loader.TrainData | None = None  # None after setup(with_data=False)
-        self.batch_sampler = None
+        self.batches: loader.Batches | None = None  # the training batches and where they stand
         self.patch_report = None
         self.cache_stats: dict = {}
         self.signals = RunSignals()
@@ -46,7 +43,6 @@ class Trainer:
         self.files = observe.RunFiles(self.out, 0)
         self.metrics = observe.Metrics(self.files, cfg.metrics_window)
         self.guard: observe.NonFiniteGuard | None = None
-        self._iter = None                      # the loader's iterator in the current epoch
         self._step_start = None                # (epoch, consumed, RNG) where the step in flight began
         self._owns_process_group = False
         self._out_state: str | None = None    # new | owned | legacy, once check_output_dir ran
@@ -80,32 +76,22 @@ class Trainer:
             self.positions = PositionIdCache()  # img_ids / txt_ids per bucket (LRU)
             if with_data:
                 self.data = loader.build_data(cfg, dataset, pipe, self.rank, self.world, self.device)
-                self.batch_sampler, self.cache_stats = self.data.batch_sampler, self.data.cache_stats
+                self.batches, self.cache_stats = self.data.batches, self.data.cache_stats
             self._pipe = pipe = None  # the VAE stays only in the latent cache; the text encoders go
             self.patch_report = build.add_adapter(self.transformer, cfg)
             self.model = build.wrap_ddp(self.transformer, self.device)
             self.optimizer, self.lr_scheduler = build.make_optimizer(cfg, list(self.trainable_parameters().values()))
             self.guard = observe.NonFiniteGuard(self.device)
-            while resume_from is not None:
-                try:
-                    self._restore(resume_from)
-                    break
-                except CheckpointError as e:
-                    if str(self.resume) != "latest":
-                        raise
-                    state.say(self.rank, f"fluxlab: skipping checkpoint {resume_from.path}: {e}")
-                    resume_from = self.ckpt.next()
+            resumed = self.ckpt.resume(resume_from, self.trainable_parameters(), self.optimizer, self.lr_scheduler,
+                                       self.batches.sampler if self.batches else None)
+            if resumed is not None:
+                self.global_step, epoch, consumed = resumed
+                if self.batches:
+                    self.batches.seek(epoch, consumed)
             return self  # the loaded checkpoint's tensors and optimizer state are freed here
 
     def _load_pipeline(self, with_data: bool):
         return build.load_pipeline(self.cfg, self._pipe, self.device, self.dtype, with_data)
-
-    def _restore(self, ckpt) -> None:
-        position = self.ckpt.restore(ckpt, self.trainable_parameters(), self.optimizer, self.lr_scheduler,
-                                     self.batch_sampler)
-        if position is not None:
-            self.epoch, self.consumed = position
-        self.global_step = ckpt.step
 
     def trainable_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
@@ -185,26 +171,15 @@ class Trainer:
         return step % self.cfg.log_every == 0 or step == self.cfg.steps
 
     def next_micro_batch(self) -> dict:
-        """The next batch from the bucketed loader, crossing epochs; advances (epoch, consumed)."""
-        while True:
-            if self._iter is None:
-                self.batch_sampler.set_epoch(self.epoch)
-                self._iter = iter(self.data.loader)
-            try:
-                batch = next(self._iter)
-            except StopIteration:
-                self._iter = None
-                self.epoch, self.consumed = self.epoch + 1, 0
-                continue
-            self.consumed += 1
-            return batch
+        """The next batch from the bucketed loader, crossing epochs."""
+        return self.batches.next()
 
     def train(self) -> TrainResult:
         with self.signals.handling("finish"):  # a signal finishes the step, then checkpoints
             try:
                 return self._train()
             finally:
-                self._close_loader()
+                self.close_loader()
 
     def _train(self) -> TrainResult:
         cfg, is_main = self.cfg, self.rank == 0
@@ -223,13 +198,12 @@ class Trainer:
             self.files.note(self.out / "config.yaml")
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and is_main))
-        self._iter = None
         profiler = (observe.Profiler(self.files, self.device, self.profile_steps, cfg.steps - start_step)
                     if self.profile_steps and is_main else None)
         last_ckpt = self.ckpt.last  # a run resumed at its last step trains nothing: that one stands
         try:
-            start = (self.epoch, self.consumed)
-            micro, wait = self._fetch()
+            start, n = self.batches.position, cfg.gradient_accumulation
+            micro, wait = self.batches.fetch(n)
             while self.global_step < cfg.steps:
                 # Where this step starts: a checkpoint written after an OOM in it must resume here,
                 # not after the batches and random draws the failed step already took.
@@ -239,10 +213,10 @@ class Trainer:
                     out = self.step(micro)
                 except torch.OutOfMemoryError as e:
                     raise self._handle_oom(e) from None
-                step, start = self.global_step, (self.epoch, self.consumed)  # where the next step starts
-                row = {"step": step, "epoch": self.epoch, "loss": out["loss"], "lr": out["lr"], "data_wait_s": wait}
+                step, start = self.global_step, self.batches.position  # where the next step starts
+                row = {"step": step, "epoch": start[0], "loss": out["loss"], "lr": out["lr"], "data_wait_s": wait}
                 if step < cfg.steps:  # the next batches, fetched while this step's kernels still run
-                    micro, wait = self._fetch()
+                    micro, wait = self.batches.fetch(n)
                 row["step_time_s"] = time.perf_counter() - t0
                 if self._is_log_step(step) and out["grad_norm"] is not None:
                     row["grad_norm"] = out["grad_norm"]
@@ -285,18 +259,13 @@ class Trainer:
         build.barrier()
         return result
 
-    def _fetch(self) -> tuple[list[dict], float]:
-        """The micro-batches of one step and the seconds spent waiting for them."""
-        t = time.perf_counter()
-        micro = [self.next_micro_batch() for _ in range(self.cfg.gradient_accumulation)]
-        return micro, time.perf_counter() - t
-
-    def _close_loader(self) -> None:
-        loader.close_loader(self.data.loader if self.data else None, self._iter)
-        self._iter = None
+    def close_loader(self) -> None:
+        """Stop the DataLoader workers (they ignore SIGTERM: never leave them to the interpreter's exit)."""
+        if self.batches:
+            self.batches.close()
 
     def close(self) -> None:
-        self._close_loader()
+        self.close_loader()
         if self._owns_process_group:
             build.destroy_distributed()
             self._owns_process_group = False
@@ -310,12 +279,10 @@ class Trainer:
 
     def save_checkpoint(self, position: tuple[int, int] | None = None) -> Path:
         """Every rank calls this; rank 0 writes and prunes. `position`: the (epoch, consumed) it
-        records, by default the current one. Raises TrainingDiverged instead of writing a
-        checkpoint of non-finite weights."""
+        records (the next step's batches may be fetched already), by default the current one.
+        Raises TrainingDiverged instead of writing a checkpoint of non-finite weights."""
         self._check_finite()
-        epoch, consumed = position or (self.epoch, self.consumed)
-        # The sampler may already serve the next step (prefetched): record where this step ended.
-        sampler = {**self.batch_sampler.state_dict(consumed=consumed), "epoch": epoch} if self.batch_sampler else {}
+        sampler = self.batches.state_dict(position or self.batches.position) if self.batches else {}
         val = self.metrics.history["val_loss"][-1] if self.metrics.history["val_loss"] else None
         path = self.ckpt.save(self.global_step, self.trainable_parameters(), self.optimizer, self.lr_scheduler,
                               sampler, val, build.gather)
@@ -338,8 +305,8 @@ class Trainer:
         if self.signals.phase in ("forward", "backward") and self.global_step > 0:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            self.epoch, self.consumed, rng = self._step_start
-            self.batch_sampler.set_epoch(self.epoch)
+            epoch, consumed, rng = self._step_start
+            self.batches.seek(epoch, consumed)
             checkpoints.restore_rng_state(rng)
             try:
                 lines.append(f"  checkpoint of step {self.global_step} written to {self.save_checkpoint()}")
