@@ -24,7 +24,7 @@ import torch
 from fluxlab import checkpoints
 from fluxlab._atomic import atomic_write_bytes, atomic_write_text
 from fluxlab.checkpoints import CheckpointError
-from fluxlab.config import ConfigError, TrainConfig
+from fluxlab.config import ConfigError, TrainConfig, save_config
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 RUN_MARKER = ".fluxlab-run"
@@ -128,6 +128,16 @@ def claim_output_dir(out: Path, state: str, *, overwrite: bool) -> list[str]:
     return notes
 
 
+def begin_run(cfg: TrainConfig, out: Path, out_state: str | None, *, resume, overwrite: bool) -> list[str]:
+    """Rank 0, as training starts: claim `out` (checked now if setup did not) and write its
+    config.yaml. Returns notes for the user."""
+    if out_state is None:
+        out_state = check_output_dir(out, resume=resume, overwrite=overwrite)
+    notes = claim_output_dir(out, out_state, overwrite=overwrite)
+    save_config(cfg, out / "config.yaml")
+    return notes
+
+
 # --- checkpoints ----------------------------------------------------------------------------------
 def say(rank: int, msg: str) -> None:
     if rank == 0:
@@ -188,24 +198,24 @@ class CheckpointManager:
             raise ConfigError(f"world_size: {path} was written by {ckpt.meta.get('world_size')} process(es), "
                               f"this run has {self.world}; resume with the same number of processes")
 
-    def resume(self, ckpt, params: dict, optimizer, lr_scheduler, sampler) -> tuple[int, int] | None:
-        """`restore` `ckpt`, or with `latest` the next older one that restores; returns what
-        `restore` returns (None when there is nothing to resume)."""
+    def resume(self, ckpt, params: dict, optimizer, lr_scheduler, batches) -> int:
+        """`restore` `ckpt`, or with `latest` the next older one that restores; returns the step
+        to continue from (0 when there is nothing to resume)."""
         while ckpt is not None:
             try:
-                return self.restore(ckpt, params, optimizer, lr_scheduler, sampler)
+                return self.restore(ckpt, params, optimizer, lr_scheduler, batches)
             except CheckpointError as e:
                 if str(self.which) != "latest":
                     raise
                 say(self.rank, f"fluxlab: skipping checkpoint {ckpt.path}: {e}")
                 ckpt = self.next()
-        return None
+        return 0
 
-    def restore(self, ckpt, params: dict, optimizer, lr_scheduler, sampler) -> tuple[int, int, int]:
-        """Restore the model, optimizer, scheduler, sampler and RNG from a loaded checkpoint;
-        returns (step, epoch, consumed) (epoch and consumed 0 without a sampler). Everything is
-        checked against this model before anything changes; any failure is a CheckpointError
-        naming the file (a checkpoint that hashes fine can still be unusable)."""
+    def restore(self, ckpt, params: dict, optimizer, lr_scheduler, batches) -> int:
+        """Restore the model, optimizer, scheduler, data position (`batches`, a loader.Batches or
+        None) and RNG from a loaded checkpoint; returns its step. Everything is checked against
+        this model before anything changes; any failure is a CheckpointError naming the file (a
+        checkpoint that hashes fine can still be unusable)."""
         tfile, sfile = ckpt.path / checkpoints.TENSORS_FILE, ckpt.path / checkpoints.STATE_FILE
         hint = checkpoints.RESUME_HINT
         missing = sorted(set(params) - set(ckpt.tensors))
@@ -220,28 +230,27 @@ class CheckpointManager:
             if not torch.isfinite(t).all():
                 raise CheckpointError(f"{tfile}: tensor {name} holds non-finite values; {hint}")
         state = ckpt.state
-        for key in ("optimizer", "lr_scheduler", "rng_per_rank") + (("sampler",) if sampler is not None else ()):
+        for key in ("optimizer", "lr_scheduler", "rng_per_rank") + (("sampler",) if batches is not None else ()):
             if key not in state:
                 raise CheckpointError(f"{sfile}: lacks {key!r}; {hint}")
         if not isinstance(state["rng_per_rank"], list) or len(state["rng_per_rank"]) <= self.rank:
             raise CheckpointError(f"{sfile}: no RNG state for rank {self.rank}; {hint}")
-        position = 0, 0
         try:
             with torch.no_grad():
                 for name, p in params.items():
                     p.copy_(ckpt.tensors[name])
             optimizer.load_state_dict(state["optimizer"])
             lr_scheduler.load_state_dict(state["lr_scheduler"])
-            if sampler is not None:
-                sampler.load_state_dict(state["sampler"])
-                position = int(state["sampler"]["epoch"]), int(state["sampler"]["cursor"])
+            if batches is not None:
+                batches.sampler.load_state_dict(state["sampler"])
+                batches.seek(int(state["sampler"]["epoch"]), int(state["sampler"]["cursor"]))
             checkpoints.restore_rng_state(state["rng_per_rank"][self.rank])
         except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
             raise CheckpointError(f"{sfile}: cannot be restored into this run ({type(e).__name__}: {e}); "
                                   f"{hint}") from e
         self.last = ckpt.path
         say(self.rank, f"fluxlab: resumed from {ckpt.path} at step {ckpt.step}")
-        return (ckpt.step, *position)
+        return ckpt.step
 
     def save(self, step: int, params: dict, optimizer, lr_scheduler, sampler: dict, val_loss, gather) -> Path:
         """Every rank calls this (`gather` collects the per-rank RNG states); rank 0 writes and prunes.

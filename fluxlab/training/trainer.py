@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from fluxlab import checkpoints
 from fluxlab.caches import PositionIdCache
-from fluxlab.config import TrainConfig, save_config
+from fluxlab.config import TrainConfig
 from fluxlab.training import loader, objective, observe, setup as build, state
 from fluxlab.training.observe import TrainingOOM, TrainResult
 from fluxlab.training.signals import RunSignals
@@ -32,12 +32,16 @@ class Trainer:
         self.new_run = new_run                 # False: lr-find, which writes beside an earlier run, not over it
         self.profile_steps = int(profile_steps)
         self.out = Path(cfg.output_dir)
-        self.rank, self.world, self.device, self.dtype = 0, 1, None, None  # set by setup()
         self.global_step = 0                   # optimizer steps done
+        # Set by setup(): where the run happens, and what it trains with.
+        self.rank, self.world, self.device, self.dtype, self.autocast = 0, 1, None, None, False
+        self.transformer = self.model = None   # model: the transformer, or DDP around it
+        self.scheduler = self.optimizer = self.lr_scheduler = None
+        self.vae_shift, self.vae_scale, self.vae_scale_factor = 0.0, 1.0, 8
+        self.positions = PositionIdCache()     # img_ids / txt_ids per bucket (LRU)
         self.data: loader.TrainData | None = None  # None after setup(with_data=False)
         self.batches: loader.Batches | None = None  # the training batches and where they stand
-        self.patch_report = None
-        self.cache_stats: dict = {}
+        self.patch_report, self.cache_stats = None, {}
         self.signals = RunSignals()
         self.ckpt: state.CheckpointManager | None = None
         self.files = observe.RunFiles(self.out, 0)
@@ -73,7 +77,6 @@ class Trainer:
             self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             self.vae_shift, self.vae_scale, self.vae_scale_factor = build.vae_constants(pipe.vae)
             self.transformer = pipe.transformer
-            self.positions = PositionIdCache()  # img_ids / txt_ids per bucket (LRU)
             if with_data:
                 self.data = loader.build_data(cfg, dataset, pipe, self.rank, self.world, self.device)
                 self.batches, self.cache_stats = self.data.batches, self.data.cache_stats
@@ -82,12 +85,8 @@ class Trainer:
             self.model = build.wrap_ddp(self.transformer, self.device)
             self.optimizer, self.lr_scheduler = build.make_optimizer(cfg, list(self.trainable_parameters().values()))
             self.guard = observe.NonFiniteGuard(self.device)
-            resumed = self.ckpt.resume(resume_from, self.trainable_parameters(), self.optimizer, self.lr_scheduler,
-                                       self.batches.sampler if self.batches else None)
-            if resumed is not None:
-                self.global_step, epoch, consumed = resumed
-                if self.batches:
-                    self.batches.seek(epoch, consumed)
+            self.global_step = self.ckpt.resume(resume_from, self.trainable_parameters(), self.optimizer,
+                                                self.lr_scheduler, self.batches)
             return self  # the loaded checkpoint's tensors and optimizer state are freed here
 
     def _load_pipeline(self, with_data: bool):
@@ -179,7 +178,8 @@ class Trainer:
             try:
                 return self._train()
             finally:
-                self.close_loader()
+                if self.batches:
+                    self.batches.close()
 
     def _train(self) -> TrainResult:
         cfg, is_main = self.cfg, self.rank == 0
@@ -187,14 +187,11 @@ class Trainer:
         result = TrainResult(final_loss=float("nan"), losses=[], lora_path=None, steps_done=self.global_step,
                              start_step=start_step, output_dir=self.out, patch_report=self.patch_report,
                              cache_stats=self.cache_stats)
-        if self._out_state is None:
-            self._out_state = state.check_output_dir(self.out, resume=self.resume, overwrite=self.overwrite)
         if is_main:
-            for note in state.claim_output_dir(self.out, self._out_state, overwrite=self.overwrite):
+            for note in state.begin_run(cfg, self.out, self._out_state, resume=self.resume, overwrite=self.overwrite):
                 state.say(self.rank, f"fluxlab: {note}")
             self._out_state = "owned"
             self.metrics.trim(start_step)
-            save_config(cfg, self.out / "config.yaml")
             self.files.note(self.out / "config.yaml")
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and is_main))
@@ -203,7 +200,7 @@ class Trainer:
         last_ckpt = self.ckpt.last  # a run resumed at its last step trains nothing: that one stands
         try:
             start, n = self.batches.position, cfg.gradient_accumulation
-            micro, wait = self.batches.fetch(n)
+            micro, wait = self.batches.fetch(n) if self.global_step < cfg.steps else ([], 0.0)
             while self.global_step < cfg.steps:
                 # Where this step starts: a checkpoint written after an OOM in it must resume here,
                 # not after the batches and random draws the failed step already took.
@@ -259,13 +256,9 @@ class Trainer:
         build.barrier()
         return result
 
-    def close_loader(self) -> None:
-        """Stop the DataLoader workers (they ignore SIGTERM: never leave them to the interpreter's exit)."""
-        if self.batches:
-            self.batches.close()
-
     def close(self) -> None:
-        self.close_loader()
+        if self.batches:  # the workers ignore SIGTERM: never leave them to the interpreter's exit
+            self.batches.close()
         if self._owns_process_group:
             build.destroy_distributed()
             self._owns_process_group = False
