@@ -58,7 +58,7 @@ class DatasetError(UserError, ValueError):
     """A dataset that cannot be used as is; the message names the files and what to do."""
 
 __all__ = ["Issue", "DatasetReport", "validate_dataset", "make_sample_dataset", "make_shapes_dataset",
-           "ImageCaptionDataset", "aspect_buckets", "nearest_bucket", "BucketBatchSampler", "to_rgb", "cli"]
+           "ImageCaptionDataset", "aspect_buckets", "nearest_bucket", "BucketBatchSampler", "to_rgb"]
 
 
 # --- small helpers ------------------------------------------------------------------------------
@@ -735,20 +735,3 @@ class BucketBatchSampler:
                 raise ValueError(f"sampler state was saved with {key}={state[key]!r} but this sampler has "
                                  f"{key}={mine!r}; resume with the same {key} or start a new run")
         self.epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
-
-
-# --- command line -------------------------------------------------------------------------------
-def cli(args) -> int:
-    """`fluxlab data sample|shapes|validate` (parsed in fluxlab/cli.py)."""
-    if args.data_cmd == "sample":
-        path = make_sample_dataset(args.dir)
-        print(f"sample dataset written to {path}")
-        return 0
-    if args.data_cmd == "shapes":
-        path = make_shapes_dataset(args.dir, n=args.n, seed=args.seed, size=args.size,
-                                   aspect_every=getattr(args, "aspect_every", 0))
-        print(f"{args.n} shapes images written to {path}")
-        return 0
-    report = validate_dataset(args.dir)
-    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
-    return 0 if report.ok else 1

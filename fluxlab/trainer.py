@@ -39,12 +39,17 @@ Output folders, checkpoints and the adapter file: fluxlab/training/state.py.
 
 from __future__ import annotations
 
-from fluxlab.training.objective import (VALIDATION_STREAM, draw_step_inputs, flow_matching_loss,  # noqa: F401
+from fluxlab.training.objective import (VALIDATION_STREAM, draw_step_inputs, flow_matching_loss,
                                         step_generator)
-from fluxlab.training.observe import TrainingDiverged, TrainingOOM, TrainResult  # noqa: F401
-from fluxlab.training.run import (EXIT_NONFINITE, EXIT_OOM, LR_FIND_MAX_FACTOR, LRFindResult,  # noqa: F401
+from fluxlab.training.observe import TrainingDiverged, TrainingOOM, TrainResult
+from fluxlab.training.run import (EXIT_NONFINITE, EXIT_OOM, LR_FIND_MAX_FACTOR, LRFindResult,
                                   cli_lr_find, cli_train, lr_find, suggest_lr)
-from fluxlab.training.signals import RunInterrupted  # noqa: F401
-from fluxlab.training.state import (LORA_FILE, RUN_MARKER, RUN_OUTPUTS, check_output_dir,  # noqa: F401
+from fluxlab.training.signals import RunInterrupted
+from fluxlab.training.state import (LORA_FILE, RUN_MARKER, RUN_OUTPUTS, check_output_dir,
                                     claim_output_dir)
-from fluxlab.training.trainer import Trainer  # noqa: F401
+from fluxlab.training.trainer import Trainer
+
+__all__ = ["Trainer", "TrainResult", "TrainingOOM", "TrainingDiverged", "RunInterrupted", "LORA_FILE", "RUN_MARKER",
+           "RUN_OUTPUTS", "check_output_dir", "claim_output_dir", "flow_matching_loss", "step_generator",
+           "draw_step_inputs", "VALIDATION_STREAM", "lr_find", "suggest_lr", "LRFindResult", "LR_FIND_MAX_FACTOR",
+           "cli_train", "cli_lr_find", "EXIT_OOM", "EXIT_NONFINITE"]
