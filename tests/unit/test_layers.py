@@ -38,6 +38,7 @@ LAYER_OF = {
     "fluxlab.kernels": "model",
     "fluxlab.quant": "model",
     "fluxlab.data": "pipeline",
+    "fluxlab.datacheck": "pipeline",  # dataset validation (fluxlab.data re-exports it)
     "fluxlab.caches": "pipeline",
     "fluxlab.checkpoints": "pipeline",
     "fluxlab.trainer": "pipeline",
