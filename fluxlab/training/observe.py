@@ -4,6 +4,7 @@ profiler trace and memory timeline, the out-of-memory report and the non-finite 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import warnings
@@ -79,6 +80,9 @@ class RunFiles:
         self.written.append(str(path))
 
     def summary(self, result: TrainResult) -> None:
+        """Write train_summary.json (setting the LoRA file's hash on `result` first)."""
+        if result.lora_path is not None:
+            result.lora_file_sha256 = hashlib.sha256(result.lora_path.read_bytes()).hexdigest()
         summary = {k: v for k, v in dataclasses.asdict(result).items()
                    if k not in ("losses", "patch_report", "data_wait_s")}
         summary["patch_report"] = repr(result.patch_report) if result.patch_report is not None else None
@@ -88,7 +92,7 @@ class RunFiles:
 
 class Metrics:
     """Rows of metrics.jsonl: kept as tensors until a logging step reads them (one sync), then
-    appended to the file, the result and a window of recent values (`history`)."""
+    appended to the file, the result and a window of recent values (`history`); and the progress bar."""
 
     KEYS = ("loss", "lr", "grad_norm", "data_wait_s", "step_time_s", "val_loss")
 
@@ -97,8 +101,27 @@ class Metrics:
         self.path = files.out / "metrics.jsonl"
         self.history = {k: deque(maxlen=window) for k in self.KEYS}
         self.pending: list[dict] = []
+        self.bar = None
 
-    def flush(self, result: TrainResult, bar) -> None:
+    def start(self, steps: int, start_step: int, show: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        disable=not show)
+
+    def add(self, row: dict, result: TrainResult, flush: bool) -> None:
+        self.pending.append(row)
+        self.bar.update(1)
+        if flush:
+            self.flush(result)
+
+    def close(self, result: TrainResult) -> None:
+        self.flush(result)
+        self.bar.close()
+        result.final_loss = result.losses[-1] if result.losses else float("nan")
+
+    def flush(self, result: TrainResult) -> None:
+        bar = self.bar
         if not self.pending:
             return
         rows = []

@@ -5,14 +5,12 @@ signals); see fluxlab/trainer.py for the Python API and the exit codes."""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from fluxlab import checkpoints
 from fluxlab.caches import PositionIdCache
@@ -193,8 +191,7 @@ class Trainer:
             self._out_state = "owned"
             self.metrics.trim(start_step)
             self.files.note(self.out / "config.yaml")
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                   disable=not (cfg.progress and is_main))
+        self.metrics.start(cfg.steps, start_step, cfg.progress and is_main)
         profiler = (observe.Profiler(self.files, self.device, self.profile_steps, cfg.steps - start_step)
                     if self.profile_steps and is_main else None)
         last_ckpt = self.ckpt.last  # a run resumed at its last step trains nothing: that one stands
@@ -219,24 +216,21 @@ class Trainer:
                     row["grad_norm"] = out["grad_norm"]
                 if cfg.validation_every and step % cfg.validation_every == 0 and is_main:
                     row["val_loss"] = result.val_losses[step] = self.validation_loss()
-                self.metrics.pending.append(row)
                 if profiler is not None:
                     profiler.step(step)
-                bar.update(1)
+                self.metrics.add(row, result, flush=self._is_log_step(step))
                 if self._is_log_step(step):
-                    self.metrics.flush(result, bar)
                     self._check_finite()
                 stop = build.agree(self.signals.stop_requested, self.device)  # every DDP rank stops together
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stop:
-                    self.metrics.flush(result, bar)
+                    self.metrics.flush(result)
                     last_ckpt = self.save_checkpoint(start)
                 if stop:
                     result.interrupted = True
                     break
             self.signals.phase = "final save"  # a signal from here on lets the final writes finish
         finally:
-            self.metrics.flush(result, bar)
-            bar.close()
+            self.metrics.close(result)
             if profiler is not None:
                 profiler.stop()
         result.checkpoint_path, result.steps_done = last_ckpt, self.global_step
@@ -244,12 +238,9 @@ class Trainer:
             self._check_finite()
             result.lora_path = self.save_lora()
             result.adapter_sha256_per_rank = build.gather(state.adapter_digest(self.trainable_parameters()))
-            if is_main and result.lora_path is not None:
-                result.lora_file_sha256 = hashlib.sha256(result.lora_path.read_bytes()).hexdigest()
             if is_main and not self.signals.stop_requested:  # asked to stop: the curves can wait
                 self._plot_curves()
         result.writes_per_rank = build.gather(list(self.files.written))
-        result.final_loss = result.losses[-1] if result.losses else float("nan")
         result.wall_s = time.perf_counter() - t_start
         if is_main:
             self.files.summary(result)
@@ -298,9 +289,8 @@ class Trainer:
         if self.signals.phase in ("forward", "backward") and self.global_step > 0:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            epoch, consumed, rng = self._step_start
-            self.batches.seek(epoch, consumed)
-            checkpoints.restore_rng_state(rng)
+            self.batches.seek(*self._step_start[:2])
+            checkpoints.restore_rng_state(self._step_start[2])
             try:
                 lines.append(f"  checkpoint of step {self.global_step} written to {self.save_checkpoint()}")
             except Exception as e:  # noqa: BLE001 -- memory may still be too tight; say so
