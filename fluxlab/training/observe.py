@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.profiler import ProfilerActivity, profile, schedule
+from tqdm.auto import tqdm
 
 from fluxlab._atomic import atomic_write_bytes, atomic_write_text
 from fluxlab.errors import UserError
@@ -104,8 +106,6 @@ class Metrics:
         self.bar = None
 
     def start(self, steps: int, start_step: int, show: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not show)
 
@@ -233,8 +233,6 @@ class Profiler:
     WARM = 2
 
     def __init__(self, files: RunFiles, device: torch.device, steps: int, steps_left: int):
-        from torch.profiler import ProfilerActivity, profile, schedule
-
         self.files, self.device, self.samples = files, device, []
         if steps_left < self.WARM + 1 + steps:
             warnings.warn(f"--profile {steps}: only {steps_left} steps left, fewer than {self.WARM} wait "

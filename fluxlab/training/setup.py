@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from fluxlab import attention, kernels, models, quant
 from fluxlab.config import ConfigError, TrainConfig
@@ -80,8 +85,6 @@ def load_pipeline(cfg: TrainConfig, pipe, device: torch.device, dtype: torch.dty
             pipe.transformer.to(device, dtype)
     elif not with_data and cfg.model in ("flux1-dev", "flux1-schnell"):
         # Benchmarks: the transformer alone at real shape (no 9.5 GB T5 that nothing would use).
-        from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
-
         sched = models.FLUX_SCHNELL_SCHEDULER if cfg.model == "flux1-schnell" else models.FLUX_DEV_SCHEDULER
         tr = models.build_transformer(cfg.model, device, dtype, seed=cfg.seed)
         pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**sched), vae=None, text_encoder=None,
@@ -95,8 +98,6 @@ def load_pipeline(cfg: TrainConfig, pipe, device: torch.device, dtype: torch.dty
 
 def quantized_transformer(cfg: TrainConfig, pipe, dtype: torch.dtype):
     """QLoRA base: the transformer in NF4 / int8 with diffusers' BitsAndBytesConfig settings."""
-    from diffusers import FluxTransformer2DModel
-
     try:
         import bitsandbytes  # noqa: F401  (an availability check)
     except ImportError:
@@ -131,8 +132,6 @@ def add_adapter(tr, cfg: TrainConfig):
     tr.requires_grad_(False)                      # base weights frozen
     torch.manual_seed(cfg.seed)                   # same adapter init on every rank and every run
     if cfg.adapter == "lora":
-        from peft import LoraConfig
-
         tr.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
                                   init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
     else:
@@ -142,8 +141,6 @@ def add_adapter(tr, cfg: TrainConfig):
     if not any(p.requires_grad for p in tr.parameters()):
         raise ConfigError(f"target_modules: {cfg.target_modules} matched no module of the transformer; "
                           f"use suffixes such as attn.to_q")
-    from diffusers.training_utils import cast_training_params
-
     cast_training_params(tr, dtype=torch.float32)  # trainable params in fp32; base stays bf16 on GPU
     if cfg.gradient_checkpointing:
         tr.enable_gradient_checkpointing()
@@ -161,8 +158,6 @@ def wrap_ddp(tr, device: torch.device):
     """The model the step runs: `tr` itself, or DDP around it when there are several processes."""
     if world() == 1:
         return tr
-    from torch.nn.parallel import DistributedDataParallel as DDP
-
     kw = {}
     if "init_sync" in inspect.signature(DDP.__init__).parameters:
         kw["init_sync"] = False  # weights are identical by construction; skip broadcasting 12B params
@@ -171,8 +166,6 @@ def wrap_ddp(tr, device: torch.device):
 
 def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
     """(AdamW over the trainable `params` only: frozen ones never get Adam state, its lr schedule)."""
-    from diffusers.optimization import get_scheduler
-
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]

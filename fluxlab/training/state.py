@@ -20,6 +20,10 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import FluxPipeline
+from diffusers.training_utils import _collate_lora_metadata
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save
 
 from fluxlab import checkpoints
 from fluxlab._atomic import atomic_write_bytes, atomic_write_text
@@ -278,23 +282,15 @@ def adapter_state_dict(transformer, adapter: str) -> dict[str, torch.Tensor]:
         from fluxlab.kernels import sparse_delta
 
         return sparse_delta.sparse_state_dict(transformer)
-    from peft.utils import get_peft_model_state_dict
-
     return get_peft_model_state_dict(transformer)
 
 
 def save_adapter(transformer, adapter: str, out: Path) -> Path:
     """Write <out>/pytorch_lora_weights.safetensors (diffusers format), or sparse_delta.safetensors."""
-    from diffusers import FluxPipeline
-
     state = {k: v.detach().to("cpu", torch.float32).contiguous()
              for k, v in adapter_state_dict(transformer, adapter).items()}
     if adapter == "sparse":
-        from safetensors.torch import save
-
         return atomic_write_bytes(out / "sparse_delta.safetensors", save(state))
-    from diffusers.training_utils import _collate_lora_metadata
-
     # The adapter's LoraConfig (rank, alpha, targets) goes into the file's metadata, as
     # train_dreambooth_lora_flux.py writes it: without it, load_lora_weights guesses alpha
     # and the LoRA loads at the wrong strength whenever lora_alpha != rank.
