@@ -452,13 +452,13 @@ def disk_usage(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
     return out
 
 
-# --- CLI ----------------------------------------------------------------------------------------
+# --- filling the caches for a config ----------------------------------------------------------
 def build_caches(cfg, pipe=None) -> dict[str, dict[str, int]]:
     """Fill the latent, text and position caches for every item of a TrainConfig's dataset.
 
     Returns this call's counters per cache (what `cache build --json` prints). Latents are
     skipped when augmentation is on (random flip or random crop): the trainer encodes those
-    every step, exactly as Trainer._build_data decides.
+    every step, exactly as fluxlab/training/loader.build_data decides.
     """
     from diffusers.utils import logging as dlog
 
@@ -501,46 +501,3 @@ def report_evictions(*caches: ContentCache) -> None:
     if lines:
         print(f"fluxlab: evicted {len(lines)} corrupt cache entr{'y' if len(lines) == 1 else 'ies'} and recomputed "
               f"{'it' if len(lines) == 1 else 'them'}:\n" + "\n".join(f"  {line}" for line in lines), file=sys.stderr)
-
-
-def cli_build(config_path: str, overrides: dict[str, str], as_json: bool = False) -> int:
-    from fluxlab.config import load_config
-
-    cfg = load_config(config_path, overrides)
-    counts = build_caches(cfg)
-    Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(cfg.cache_dir) / "last_build.json",
-                       json.dumps({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                   "config": str(config_path), "overrides": overrides,
-                                   "counts": counts}, indent=1).encode())
-    if not as_json:
-        for name, c in counts.items():
-            print(f"{name:9s} hits {c['hits']:6d}  misses {c['misses']:6d}  bytes {c['bytes']:12d}")
-        print(f"caches in {cfg.cache_dir}")
-    else:
-        print(json.dumps(counts))  # the last line is the machine-readable result
-    return 0
-
-
-def cli_stats(cache_dir: str) -> int:
-    path = Path(cache_dir)
-    if not path.is_dir():
-        raise UserFileNotFound(f"{path}: no such cache directory; run `fluxlab cache build CONFIG` first")
-    for kind, u in disk_usage(path).items():
-        print(f"{kind:9s} entries {u['entries']:6d}  bytes on disk {u['bytes']:12d}")
-    last = path / "last_build.json"
-    if last.exists():
-        rec = json.loads(last.read_text())
-        print(f"last build {rec['utc']} ({rec['config']}):")
-        for name, c in rec["counts"].items():
-            print(f"  {name:9s} hits {c['hits']:6d}  misses {c['misses']:6d}  bytes {c['bytes']:12d}")
-    return 0
-
-
-def cli_verify(cache_dir: str) -> int:
-    """Exit 0 when every entry is sound, 1 when corrupt entries were found (they are evicted)."""
-    res = verify_cache(cache_dir)
-    for line in res["corrupt"]:
-        print(f"corrupt, evicted: {line}")
-    print(f"checked {res['checked']} entries, {len(res['corrupt'])} corrupt, {res['evicted']} evicted")
-    return 1 if res["corrupt"] else 0

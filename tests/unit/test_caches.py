@@ -16,6 +16,7 @@ import torch
 
 from fluxlab import caches
 from fluxlab.caches import LatentCache, PositionIdCache, TextEmbeddingCache, latent_preprocess
+from fluxlab.commands.cache import cli_verify
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[2]
@@ -207,7 +208,7 @@ def test_verify_detects_and_evicts_corrupt_entry(tmp_path, pipe, damage):
     TextEmbeddingCache(tmp_path, pipe, 16).get("a red circle")
     bad = cache.path_for(next(iter(cache._seen)))
     damage(bad)
-    assert caches.cli_verify(str(tmp_path)) == 1
+    assert cli_verify(str(tmp_path)) == 1
     assert not bad.exists()
     res = caches.verify_cache(tmp_path)  # the survivors are sound
     assert res == {"checked": 2, "corrupt": [], "evicted": 0}

@@ -146,7 +146,7 @@ def test_a_jpeg_that_is_mostly_decoder_filler_is_an_error(tmp_path):
 
 
 def _filler(path: Path) -> float:
-    from fluxlab.data import _jpeg_filler_fraction
+    from fluxlab.datacheck import _jpeg_filler_fraction
 
     with Image.open(path) as im:
         im.load()

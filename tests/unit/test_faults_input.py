@@ -94,7 +94,7 @@ def test_internal_bugs_keep_their_traceback(monkeypatch, tmp_path, exc):
     def buggy(args):
         raise exc
 
-    monkeypatch.setattr(data, "cli", buggy)
+    monkeypatch.setattr(data, "validate_dataset", buggy)  # what `fluxlab data validate` calls
     with pytest.raises(type(exc)):
         main(["data", "validate", str(tmp_path)])
 

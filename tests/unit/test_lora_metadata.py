@@ -11,6 +11,7 @@ import torch
 from fluxlab import models
 from fluxlab.config import load_config
 from fluxlab.trainer import LORA_FILE, Trainer
+from fluxlab.training.state import adapter_digest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,5 +102,5 @@ def test_summary_hashes_say_what_they_hash(trained):
     summary = json.loads((out / "train_summary.json").read_text())
     assert summary["lora_file_sha256"] == hashlib.sha256((out / LORA_FILE).read_bytes()).hexdigest()
     (params,) = summary["adapter_sha256_per_rank"]
-    assert params == tr._lora_digest() != summary["lora_file_sha256"]
+    assert params == adapter_digest(tr.trainable_parameters()) != summary["lora_file_sha256"]
     assert summary["lora_sha256_per_rank"] == [params]  # the former name still reads

@@ -39,9 +39,8 @@ def test_loss_matches_an_independent_recomputation(pipe, shapes, tmp_path, schem
     tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
     ds = ImageCaptionDataset(shapes, cfg.resolution)
     vae, sched = pipe.vae, copy.deepcopy(pipe.scheduler)
-    tr._iter = None
     for step in range(2):  # step 0: LoRA B == 0; step 1: after a real update
-        mb = tr._next_micro_batch()
+        mb = tr.next_micro_batch()
         idx = mb["index"]
         with torch.no_grad():
             pixels = torch.stack([ds[i]["pixels"] for i in idx])                  # [B, 3, 64, 64]
@@ -83,10 +82,9 @@ def test_use_kernels_runs_every_patched_family_in_a_training_step(pipe, shapes, 
 
     cfg = _cfg(shapes, tmp_path, use_kernels=True, validation_every=0, checkpoint_every=0)
     tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
-    tr._iter = None
     kernels.reset_counters()
     attention.reset_counters()
-    tr.step([tr._next_micro_batch()])
+    tr.step([tr.next_micro_batch()])
     ran = kernels.family_totals()
     patched = {f for f, n in tr.patch_report.patched.items() if n}
     assert {"qk_norm_rope", "adaln"} <= patched
@@ -99,9 +97,8 @@ def test_use_kernels_runs_every_patched_family_in_a_training_step(pipe, shapes, 
 def test_frozen_parameters_hold_no_optimizer_state(pipe, shapes, tmp_path):
     cfg = _cfg(shapes, tmp_path, validation_every=0, checkpoint_every=0)
     tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
-    tr._iter = None
     for _ in range(2):
-        tr.step([tr._next_micro_batch()])
+        tr.step([tr.next_micro_batch()])
 
     def audit():
         frozen = [p for p in tr.transformer.parameters() if not p.requires_grad]
@@ -118,7 +115,7 @@ def test_frozen_parameters_hold_no_optimizer_state(pipe, shapes, tmp_path):
     frozen, in_opt = audit()
     assert not any(p in tr.optimizer.state for p in frozen)
     assert len(in_opt) == len(tr.trainable_parameters())
-    tr.step([tr._next_micro_batch()])                        # still trains
+    tr.step([tr.next_micro_batch()])                        # still trains
     assert not any(p in tr.optimizer.state for p in audit()[0])
 
 

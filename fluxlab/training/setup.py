@@ -1,0 +1,188 @@
+"""Everything the trainer builds before its first step: the process group, the pipeline (and its
+quantized base), the adapter (peft LoRA or a sparse delta), attention, the fused kernels, compile,
+DDP and the optimizer. Also the small distributed helpers the other training modules share."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params
+from peft import LoraConfig
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from fluxlab import attention, kernels, models, quant
+from fluxlab.config import ConfigError, TrainConfig
+
+
+# --- distributed helpers ------------------------------------------------------------------------
+def _dist():
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def rank() -> int:
+    d = _dist()
+    return d.get_rank() if d else 0
+
+
+def world() -> int:
+    d = _dist()
+    return d.get_world_size() if d else 1
+
+
+def barrier() -> None:
+    d = _dist()
+    if d:
+        d.barrier()
+
+
+def gather(obj) -> list:
+    d = _dist()
+    if not d:
+        return [obj]
+    out = [None] * d.get_world_size()
+    d.all_gather_object(out, obj)
+    return out
+
+
+def agree(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on any (DDP ranks must stop at the same step)."""
+    d = _dist()
+    if not d:
+        return flag
+    t = torch.tensor([int(flag)], device=device if d.get_backend() == "nccl" else "cpu")
+    d.all_reduce(t, op=d.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def init_distributed(cfg: TrainConfig) -> bool:
+    """Join the process group torchrun describes; True when this call created it (and must end it)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and cfg.device != "cpu" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend=backend)
+        return True
+    return False
+
+
+def destroy_distributed() -> None:
+    if _dist():
+        dist.destroy_process_group()
+
+
+# --- the pipeline -------------------------------------------------------------------------------
+def load_pipeline(cfg: TrainConfig, pipe, device: torch.device, dtype: torch.dtype, with_data: bool):
+    """`pipe` (a preloaded FluxPipeline) on `device`, or the config's model loaded; quantized when asked."""
+    if pipe is not None:
+        p = next(pipe.transformer.parameters())
+        if p.device != device or p.dtype != dtype:
+            pipe.transformer.to(device, dtype)
+    elif not with_data and cfg.model in ("flux1-dev", "flux1-schnell"):
+        # Benchmarks: the transformer alone at real shape (no 9.5 GB T5 that nothing would use).
+        sched = models.FLUX_SCHNELL_SCHEDULER if cfg.model == "flux1-schnell" else models.FLUX_DEV_SCHEDULER
+        tr = models.build_transformer(cfg.model, device, dtype, seed=cfg.seed)
+        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**sched), vae=None, text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
+    else:
+        pipe = models.load_pipeline(cfg.model, device=device, dtype=dtype, seed=0)
+    if cfg.quantize != "none":
+        pipe.transformer = quantized_transformer(cfg, pipe, dtype)
+    return pipe
+
+
+def quantized_transformer(cfg: TrainConfig, pipe, dtype: torch.dtype):
+    """QLoRA base: the transformer in NF4 / int8 with diffusers' BitsAndBytesConfig settings."""
+    try:
+        import bitsandbytes  # noqa: F401  (an availability check)
+    except ImportError:
+        raise ConfigError("quantize: bitsandbytes is not installed; pip install 'fluxlab[quant]'") from None
+    if cfg.model in ("flux1-dev", "flux1-schnell"):
+        # Random-weight presets have no checkpoint to load quantized: swap the layers in place.
+        tr = pipe.transformer
+        quant.quantize_transformer(tr, cfg.quantize, dtype)
+    else:
+        root = models.tiny_pipeline_path() if cfg.model == "tiny" else Path(cfg.model)
+        pipe.transformer = None
+        torch.cuda.empty_cache()
+        tr = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", local_files_only=True,
+                                                    quantization_config=quant.bnb_config(cfg.quantize, dtype),
+                                                    dtype=dtype)
+    tr.requires_grad_(False)
+    return tr
+
+
+def vae_constants(vae) -> tuple[float, float, int]:
+    """(shift, scale, spatial factor) of the VAE latents; FLUX's when the pipeline has no VAE."""
+    if vae is None:
+        return models.FLUX_VAE_SHIFT, models.FLUX_VAE_SCALE, 8
+    return (float(vae.config.shift_factor), float(vae.config.scaling_factor),
+            2 ** (len(vae.config.block_out_channels) - 1))
+
+
+# --- the adapter and the model ------------------------------------------------------------------
+def add_adapter(tr, cfg: TrainConfig):
+    """Freeze the base, add the adapter (same init on every rank and run), install attention, the
+    fused kernels and compile. Returns the kernels' patch report (None without use_kernels)."""
+    tr.requires_grad_(False)                      # base weights frozen
+    torch.manual_seed(cfg.seed)                   # same adapter init on every rank and every run
+    if cfg.adapter == "lora":
+        tr.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+                                  init_lora_weights="gaussian", target_modules=list(cfg.target_modules)))
+    else:
+        from fluxlab.kernels import sparse_delta
+
+        sparse_delta.apply_sparse_adapter(tr, list(cfg.target_modules), cfg.sparse_density, cfg.seed)
+    if not any(p.requires_grad for p in tr.parameters()):
+        raise ConfigError(f"target_modules: {cfg.target_modules} matched no module of the transformer; "
+                          f"use suffixes such as attn.to_q")
+    cast_training_params(tr, dtype=torch.float32)  # trainable params in fp32; base stays bf16 on GPU
+    if cfg.gradient_checkpointing:
+        tr.enable_gradient_checkpointing()
+    # Always through fluxlab.attention, "auto" included: stock SDPA picks cuDNN on Hopper, whose
+    # backward breaks inside FLUX training (see fluxlab/attention.py); this path carries the fix.
+    attention.install(tr, cfg.attention_backend)
+    report = kernels.patch(tr) if cfg.use_kernels else None  # after install: keeps the chosen backend
+    if cfg.compile:
+        models.compile_blocks(tr, fullgraph=True)  # by position: kernels.patch renames block classes
+    tr.train()
+    return report
+
+
+def wrap_ddp(tr, device: torch.device):
+    """The model the step runs: `tr` itself, or DDP around it when there are several processes."""
+    if world() == 1:
+        return tr
+    kw = {}
+    if "init_sync" in inspect.signature(DDP.__init__).parameters:
+        kw["init_sync"] = False  # weights are identical by construction; skip broadcasting 12B params
+    return DDP(tr, device_ids=[device.index] if device.type == "cuda" else None, **kw)
+
+
+def make_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter]):
+    """(AdamW over the trainable `params` only: frozen ones never get Adam state, its lr schedule)."""
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    name = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}[cfg.lr_scheduler]
+    return optimizer, get_scheduler(name, optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                                    num_training_steps=cfg.steps)
+
+
+def freeze(transformer, optimizer, names) -> int:
+    """Freeze trainable parameters by name and drop their optimizer state (and their slot in the
+    optimizer), so frozen parameters hold no Adam moments. Returns how many were frozen."""
+    names = set(names)
+    params = {n: p for n, p in transformer.named_parameters() if n in names and p.requires_grad}
+    ids = {id(p) for p in params.values()}
+    for p in params.values():
+        p.requires_grad_(False)
+        p.grad = None
+        optimizer.state.pop(p, None)
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in ids]
+    return len(params)
