@@ -34,3 +34,16 @@ def pipe(home):
     from fluxlab import models
 
     return models.load_pipeline("tiny", "cpu", torch.float32)
+
+
+def tiny_lora_config(shapes, out, **overrides):
+    """The tiny config for a short CPU run into `out` at rank 4 / alpha 8 (LoRA scale 2), with
+    `overrides` (values as on the command line)."""
+    from fluxlab.config import load_config
+
+    base = {"data": str(shapes), "output_dir": str(out), "num_workers": "0", "progress": "false",
+            "max_sequence_length": "16", "batch_size": "2", "steps": "3", "rank": "4", "lora_alpha": "8",
+            "device": "cpu", "lr_warmup_steps": "0", "learning_rate": "1e-2", "validation_every": "0",
+            "checkpoint_every": "0"}
+    return load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml",
+                       {**base, **{k: str(v) for k, v in overrides.items()}})

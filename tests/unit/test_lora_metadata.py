@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fluxlab import models
-from fluxlab.config import load_config
+from conftest import tiny_lora_config
 from fluxlab.trainer import LORA_FILE, Trainer
 from fluxlab.training.state import adapter_digest
 
@@ -20,11 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def trained(pipe, shapes, tmp_path_factory):
     """A few tiny-preset steps at rank 4 / alpha 8 (LoRA scale 2, not the rank's 1)."""
     out = tmp_path_factory.mktemp("lora_meta")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", {
-        "data": str(shapes), "output_dir": str(out), "num_workers": "0", "progress": "false",
-        "max_sequence_length": "16", "batch_size": "2", "steps": "3", "rank": "4", "lora_alpha": "8",
-        "device": "cpu", "lr_warmup_steps": "0", "learning_rate": "1e-2", "validation_every": "0",
-        "checkpoint_every": "0"})
+    cfg = tiny_lora_config(shapes, out)
     tr = Trainer(cfg, pipe=copy.deepcopy(pipe)).setup()
     result = tr.train()
     assert result.lora_path == out / LORA_FILE

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 
 from fluxlab.cli import main
-from fluxlab.config import load_config
+from conftest import tiny_lora_config
 from fluxlab.inference import InferenceSession
 from fluxlab.trainer import LORA_FILE, Trainer
 
@@ -24,11 +24,7 @@ PROMPT = "a large red circle at the top left on a white background"
 @pytest.fixture(scope="module")
 def lora_dir(pipe, shapes, tmp_path_factory):
     out = tmp_path_factory.mktemp("user_path_lora")
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", {
-        "data": str(shapes), "output_dir": str(out), "num_workers": "0", "progress": "false",
-        "max_sequence_length": "16", "batch_size": "2", "steps": "6", "rank": "4", "lora_alpha": "8",
-        "device": "cpu", "lr_warmup_steps": "0", "learning_rate": "3e-2", "validation_every": "0",
-        "checkpoint_every": "0"})
+    cfg = tiny_lora_config(shapes, out, steps=6, learning_rate="3e-2")
     Trainer(cfg, pipe=copy.deepcopy(pipe)).setup().train()
     assert (out / LORA_FILE).is_file()
     return out
