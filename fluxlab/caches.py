@@ -453,48 +453,6 @@ def disk_usage(cache_dir: str | os.PathLike) -> dict[str, dict[str, int]]:
 
 
 # --- filling the caches for a config ----------------------------------------------------------
-def build_caches(cfg, pipe=None) -> dict[str, dict[str, int]]:
-    """Fill the latent, text and position caches for every item of a TrainConfig's dataset.
-
-    Returns this call's counters per cache (what `cache build --json` prints). Latents are
-    skipped when augmentation is on (random flip or random crop): the trainer encodes those
-    every step, exactly as fluxlab/training/loader.build_data decides.
-    """
-    from diffusers.utils import logging as dlog
-
-    from fluxlab import models
-    from fluxlab.data import ImageCaptionDataset
-
-    device = cfg.resolved_device() if hasattr(cfg, "resolved_device") else torch.device(models.default_device())
-    pipe = pipe or models.load_pipeline(cfg.model, device=device)
-    ds = ImageCaptionDataset(cfg.data, cfg.resolution, center_crop=cfg.center_crop,
-                             random_flip=cfg.random_flip, seed=cfg.seed)
-    latents = LatentCache(cfg.cache_dir, pipe.vae, memory=False)
-    texts = TextEmbeddingCache(cfg.cache_dir, pipe, cfg.max_sequence_length, memory=False)
-    positions = PositionIdCache()
-    augmented = cfg.random_flip or not cfg.center_crop
-    if augmented:
-        print("note: random flip/crop is on, so latents are encoded every step and not cached", file=sys.stderr)
-    dtype = pipe.transformer.dtype if getattr(pipe, "transformer", None) is not None else torch.float32
-    verbosity = dlog.get_verbosity()
-    dlog.set_verbosity_error()  # encode_prompt warns once per caption it pads or truncates
-    try:
-        for i in range(len(ds)):
-            path, caption = ds.records[i]
-            bucket = ds.bucket_of(i)
-            if not augmented:
-                sha = hashlib.sha256(Path(path).read_bytes()).hexdigest()
-                pre = latent_preprocess(bucket, cfg.center_crop, cfg.random_flip)
-                latents.get(sha, pre, lambda i=i: ds[i]["pixels"])  # decoded only on a miss
-            texts.get(caption)
-            positions.get(bucket[0] // pipe.vae_scale_factor, bucket[1] // pipe.vae_scale_factor,
-                          cfg.max_sequence_length, device, dtype)
-    finally:
-        dlog.set_verbosity(verbosity)
-    report_evictions(latents, texts)
-    return {"latent": latents.stats(), "text": texts.stats(), "position": positions.stats()}
-
-
 def report_evictions(*caches: ContentCache) -> None:
     """Say on stderr which corrupt entries a build or training evicted (and recomputed)."""
     lines = [line for c in caches for line in c.corrupt_reasons]

@@ -39,9 +39,10 @@ def cli_build(config_path: str, overrides: dict[str, str], as_json: bool = False
     from fluxlab import caches
     from fluxlab._atomic import atomic_write_bytes
     from fluxlab.config import load_config
+    from fluxlab.training.loader import build_caches
 
     cfg = load_config(config_path, overrides)
-    counts = caches.build_caches(cfg)
+    counts = build_caches(cfg)
     Path(cfg.cache_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(Path(cfg.cache_dir) / "last_build.json",
                        json.dumps({"utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

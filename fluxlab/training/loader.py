@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import signal
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from diffusers.utils import logging as dlog
 
-from fluxlab.caches import LatentCache, TextEmbeddingCache, latent_preprocess, report_evictions
+from fluxlab.caches import LatentCache, PositionIdCache, TextEmbeddingCache, latent_preprocess, report_evictions
 from fluxlab.config import TrainConfig
 from fluxlab.data import BucketBatchSampler, ImageCaptionDataset
 from fluxlab.errors import printable
@@ -95,6 +96,54 @@ class TrainData:
     cache_stats: dict
 
 
+def encode_item(ds: ImageCaptionDataset, i: int, text_cache: TextEmbeddingCache,
+                latent_cache: LatentCache | None, center_crop: bool) -> dict:
+    """Item `i` through the content-addressed caches: its text embeddings and, with a latent
+    cache, its VAE latent distribution (pixels are decoded only on a miss)."""
+    rec_path, caption = ds.records[i]
+    embeds, pooled = text_cache.get(caption)                        # [S, D], [Dp]
+    item = {"index": i, "prompt_embeds": embeds.float(), "pooled": pooled.float()}
+    if latent_cache is not None:
+        pre = latent_preprocess(ds.bucket_of(i), center_crop, False)
+        sha = hashlib.sha256(Path(rec_path).read_bytes()).hexdigest()
+        mean, logvar = latent_cache.get(sha, pre, lambda: ds[i]["pixels"])
+        item.update(mean=mean, logvar=logvar)                       # [16, h, w] each
+    return item
+
+
+def build_caches(cfg: TrainConfig, pipe=None) -> dict[str, dict[str, int]]:
+    """Fill the latent, text and position caches for every item of a TrainConfig's dataset, as
+    training will read them (`fluxlab cache build`). Returns this call's counters per cache.
+    Latents are skipped when augmentation is on (random flip or crop): training encodes those
+    every step."""
+    from fluxlab import models
+
+    device = cfg.resolved_device()
+    pipe = pipe or models.load_pipeline(cfg.model, device=device)
+    ds = ImageCaptionDataset(cfg.data, cfg.resolution, center_crop=cfg.center_crop,
+                             random_flip=cfg.random_flip, seed=cfg.seed)
+    latents = LatentCache(cfg.cache_dir, pipe.vae, memory=False)
+    texts = TextEmbeddingCache(cfg.cache_dir, pipe, cfg.max_sequence_length, memory=False)
+    positions = PositionIdCache()
+    augmented = cfg.random_flip or not cfg.center_crop
+    if augmented:
+        print("note: random flip/crop is on, so latents are encoded every step and not cached", file=sys.stderr)
+    dtype = pipe.transformer.dtype if getattr(pipe, "transformer", None) is not None else torch.float32
+    verbosity = dlog.get_verbosity()
+    dlog.set_verbosity_error()  # encode_prompt warns once per caption it pads or truncates
+    try:
+        with torch.no_grad():
+            for i in range(len(ds)):
+                encode_item(ds, i, texts, None if augmented else latents, cfg.center_crop)
+                h, w = ds.bucket_of(i)
+                positions.get(h // pipe.vae_scale_factor, w // pipe.vae_scale_factor, cfg.max_sequence_length,
+                              device, dtype)
+    finally:
+        dlog.set_verbosity(verbosity)
+    report_evictions(latents, texts)
+    return {"latent": latents.stats(), "text": texts.stats(), "position": positions.stats()}
+
+
 def build_data(cfg: TrainConfig, ds: ImageCaptionDataset, pipe, rank: int, world: int,
                device: torch.device) -> TrainData:
     """Encode every image and caption once through the content-addressed caches, keep the
@@ -108,15 +157,7 @@ def build_data(cfg: TrainConfig, ds: ImageCaptionDataset, pipe, rank: int, world
     text_cache = TextEmbeddingCache(cfg.cache_dir, pipe, cfg.max_sequence_length, memory=False)
 
     def encode(i: int, with_latent: bool) -> dict:
-        rec_path, caption = ds.records[i]
-        embeds, pooled = text_cache.get(caption)                    # [S, D], [Dp]
-        item = {"index": i, "prompt_embeds": embeds.float(), "pooled": pooled.float()}
-        if with_latent:
-            pre = latent_preprocess(ds.bucket_of(i), cfg.center_crop, False)
-            sha = hashlib.sha256(Path(rec_path).read_bytes()).hexdigest()
-            mean, logvar = latent_cache.get(sha, pre, lambda: ds[i]["pixels"])
-            item.update(mean=mean, logvar=logvar)                   # [16, h, w] each
-        return item
+        return encode_item(ds, i, text_cache, latent_cache if with_latent else None, cfg.center_crop)
 
     # Rank 0 fills the on-disk caches first; the other ranks then read them (hits).
     verbosity = dlog.get_verbosity()

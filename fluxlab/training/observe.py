@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 from tqdm.auto import tqdm
 
+from fluxlab import checkpoints
 from fluxlab._atomic import atomic_write_bytes, atomic_write_text
 from fluxlab.errors import UserError
 
@@ -331,3 +332,23 @@ class NonFiniteGuard:
             f"training diverged: non-finite {what} at {at} (learning_rate {cfg.learning_rate:g}, "
             f"max_grad_norm {cfg.max_grad_norm:g}); stopped without writing a checkpoint or LoRA from it; "
             f"{last}. Lower learning_rate, keep max_grad_norm > 0, or check the data")
+
+
+def oom_error(trainer, err: Exception) -> TrainingOOM:
+    """The error an out-of-memory step raises: where memory went, and, when the step failed
+    before the optimizer touched anything, a checkpoint of the last completed step (params and
+    Adam state are then consistent; mid-update they would not be) that resumes at this step."""
+    lines = oom_report(trainer.global_step + 1, trainer.signals.phase, trainer.device, trainer.transformer,
+                       trainer.optimizer)
+    if trainer.signals.phase in ("forward", "backward") and trainer.global_step > 0:
+        trainer.optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        trainer.batches.seek(*trainer._step_start[:2])
+        checkpoints.restore_rng_state(trainer._step_start[2])
+        try:
+            lines.append(f"  checkpoint of step {trainer.global_step} written to {trainer.save_checkpoint()}")
+        except Exception as e:  # noqa: BLE001 -- memory may still be too tight; say so
+            lines.append(f"  could not write a checkpoint ({type(e).__name__}: {e})")
+    else:
+        lines.append("  no checkpoint written (nothing completed yet, or the optimizer was mid-update)")
+    return TrainingOOM("\n".join(lines + [OOM_HINTS]))

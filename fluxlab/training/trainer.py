@@ -16,7 +16,7 @@ from fluxlab import checkpoints
 from fluxlab.caches import PositionIdCache
 from fluxlab.config import TrainConfig
 from fluxlab.training import loader, objective, observe, setup as build, state
-from fluxlab.training.observe import TrainingOOM, TrainResult
+from fluxlab.training.observe import TrainResult
 from fluxlab.training.signals import RunSignals
 
 
@@ -206,7 +206,7 @@ class Trainer:
                 try:
                     out = self.step(micro)
                 except torch.OutOfMemoryError as e:
-                    raise self._handle_oom(e) from None
+                    raise observe.oom_error(self, e) from None
                 step, start = self.global_step, self.batches.position  # where the next step starts
                 row = {"step": step, "epoch": start[0], "loss": out["loss"], "lr": out["lr"], "data_wait_s": wait}
                 if step < cfg.steps:  # the next batches, fetched while this step's kernels still run
@@ -280,21 +280,3 @@ class Trainer:
 
     def _plot_curves(self) -> None:
         observe.plot_curves(self.files)
-
-    def _handle_oom(self, err: Exception) -> TrainingOOM:
-        lines = observe.oom_report(self.global_step + 1, self.signals.phase, self.device, self.transformer,
-                                   self.optimizer)
-        # Before the optimizer touched anything, params and Adam state are those of the last
-        # completed step: a checkpoint of that step is consistent. Mid-update it would not be.
-        if self.signals.phase in ("forward", "backward") and self.global_step > 0:
-            self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            self.batches.seek(*self._step_start[:2])
-            checkpoints.restore_rng_state(self._step_start[2])
-            try:
-                lines.append(f"  checkpoint of step {self.global_step} written to {self.save_checkpoint()}")
-            except Exception as e:  # noqa: BLE001 -- memory may still be too tight; say so
-                lines.append(f"  could not write a checkpoint ({type(e).__name__}: {e})")
-        else:
-            lines.append("  no checkpoint written (nothing completed yet, or the optimizer was mid-update)")
-        return TrainingOOM("\n".join(lines + [observe.OOM_HINTS]))
