@@ -114,3 +114,14 @@ def random_batch(config, cfg: TrainConfig, vae_scale_factor: int, device, batch_
             "logvar": torch.full((batch_size, config.in_channels // 4, h, w), -4.0).to(device),
             "prompt_embeds": torch.randn(batch_size, S, config.joint_attention_dim, generator=g).to(device),
             "pooled": torch.randn(batch_size, config.pooled_projection_dim, generator=g).to(device)}
+
+
+@torch.no_grad()
+def validation_loss(loss_fn, transformer, items: list[dict], seed: int) -> float:
+    """Loss on the held-out items with fixed latents, noise and timesteps (the same every call:
+    a generator stream training never draws). `loss_fn(model, micro_batch, generator)`."""
+    transformer.eval()
+    losses = [loss_fn(transformer, {k: v[None] for k, v in item.items() if isinstance(v, torch.Tensor)},
+                      step_generator(seed, VALIDATION_STREAM, j, 0)).item() for j, item in enumerate(items)]
+    transformer.train()
+    return float(np.mean(losses))

@@ -352,3 +352,8 @@ def oom_error(trainer, err: Exception) -> TrainingOOM:
     else:
         lines.append("  no checkpoint written (nothing completed yet, or the optimizer was mid-update)")
     return TrainingOOM("\n".join(lines + [OOM_HINTS]))
+
+
+def is_log_step(cfg, step: int) -> bool:
+    """Steps whose metrics are logged and flushed (and whose gradient norm is computed)."""
+    return step % cfg.log_every == 0 or step == cfg.steps

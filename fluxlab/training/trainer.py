@@ -9,7 +9,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fluxlab import checkpoints
@@ -135,7 +134,7 @@ class Trainer:
         grad_norm = None
         if cfg.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-        elif self._is_log_step(step + 1):  # the norm costs a pass over all grads: logging steps only
+        elif observe.is_log_step(self.cfg, step + 1):  # the norm costs a pass over all grads: logging steps only
             grad_norm = torch.linalg.vector_norm(torch.stack(
                 [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))
         self.guard.note(step + 1, loss_sum, grad_norm, params)
@@ -153,20 +152,7 @@ class Trainer:
         return objective.random_batch(self.transformer.config, self.cfg, self.vae_scale_factor,
                                       device or self.device, batch_size, resolution, seq_len)
 
-    @torch.no_grad()
-    def validation_loss(self) -> float:
-        """Loss on the held-out items with fixed latents, noise and timesteps (same every call)."""
-        self.transformer.eval()
-        losses = [self._loss(self.transformer, {k: v[None] for k, v in item.items() if isinstance(v, torch.Tensor)},
-                             objective.step_generator(self.cfg.seed, objective.VALIDATION_STREAM, j, 0)).item()
-                  for j, item in enumerate(self.data.val_items)]  # a stream training never draws
-        self.transformer.train()
-        return float(np.mean(losses))
-
     # ---- the loop ---------------------------------------------------------------------------------
-    def _is_log_step(self, step: int) -> bool:
-        return step % self.cfg.log_every == 0 or step == self.cfg.steps
-
     def next_micro_batch(self) -> dict:
         """The next batch from the bucketed loader, crossing epochs."""
         return self.batches.next()
@@ -212,14 +198,15 @@ class Trainer:
                 if step < cfg.steps:  # the next batches, fetched while this step's kernels still run
                     micro, wait = self.batches.fetch(n)
                 row["step_time_s"] = time.perf_counter() - t0
-                if self._is_log_step(step) and out["grad_norm"] is not None:
+                if observe.is_log_step(self.cfg, step) and out["grad_norm"] is not None:
                     row["grad_norm"] = out["grad_norm"]
                 if cfg.validation_every and step % cfg.validation_every == 0 and is_main:
-                    row["val_loss"] = result.val_losses[step] = self.validation_loss()
+                    row["val_loss"] = result.val_losses[step] = objective.validation_loss(
+                        self._loss, self.transformer, self.data.val_items, cfg.seed)
                 if profiler is not None:
                     profiler.step(step)
-                self.metrics.add(row, result, flush=self._is_log_step(step))
-                if self._is_log_step(step):
+                self.metrics.add(row, result, flush=observe.is_log_step(self.cfg, step))
+                if observe.is_log_step(self.cfg, step):
                     self._check_finite()
                 stop = build.agree(self.signals.stop_requested, self.device)  # every DDP rank stops together
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps or stop:
