@@ -206,7 +206,7 @@ class TrainConfig:
         return self.lora_alpha or float(self.rank)
 
     def resolved_device(self, local_rank: int | None = None) -> torch.device:
-        from fluxlab.models import default_device
+        from fluxlab.env import default_device
 
         dev = torch.device(default_device() if self.device == "auto" else self.device)
         if dev.type == "cuda" and (local_rank is not None or self.device == "auto"):
@@ -215,7 +215,7 @@ class TrainConfig:
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The dtype of base weights and autocast: fp32 on the CPU, bf16 where supported."""
-        from fluxlab.models import default_dtype
+        from fluxlab.env import default_dtype
 
         # "auto" on a GPU without bf16 gives fp32 (validate() refused an explicit "bf16" there).
         return torch.float32 if self.mixed_precision == "no" else default_dtype(device)

@@ -103,3 +103,21 @@ def doctor() -> int:
     if env["triton_mode"] == "interpreted":
         print("note: TRITON_INTERPRET=1 - Triton kernels run in the (slow) interpreter; timings are meaningless")
     return 0
+
+
+# --- the default device and dtype (torch imported only when asked) ------------------------------
+def default_device() -> str:
+    """cuda when a GPU is usable, else cpu."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device):
+    """A torch.dtype: fp32 on the CPU (bf16 matmuls there are slow and lossy), bf16 where the GPU supports it."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from fluxlab.env import default_device, default_dtype  # noqa: F401  (models.default_* stay importable)
+
 # FLUX's autoencoder latent layout: 16 channels, (x - shift) * scale before the transformer.
 FLUX_VAE_SHIFT = 0.1159
 FLUX_VAE_SCALE = 0.3611
@@ -75,18 +77,6 @@ PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "token
 
 class ModelLayoutError(FileNotFoundError):
     """The path does not hold a diffusers FLUX pipeline layout."""
-
-
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """fp32 on the CPU (bf16 matmuls there are slow and lossy), bf16 where the GPU supports it."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @contextmanager

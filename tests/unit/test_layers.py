@@ -66,7 +66,6 @@ def _siblings(a: str, b: str) -> bool:
 # Known back-edges, each with what removes it. The list is exact: a new
 # back-edge fails, and so does an entry that no longer occurs, so it can only shrink.
 KNOWN_BACK_EDGES = {
-    ("fluxlab.config", "fluxlab.models"),      # default_device/default_dtype: move them into config or env
     # Not in the trainer's files, but kept until the gradient_flow notebook calls the kernels' own
     # gradcheck: gradflow.gradcheck_kernels looks the registry up by name, which test_gradflow checks.
     ("fluxlab.gradflow", "fluxlab.kernels"),
