@@ -311,8 +311,8 @@ class NonFiniteGuard:
         self.first = torch.full((2,), -1, dtype=torch.int64, device=device)  # [step, cause bits 1 loss | 2 grad]
 
     def note(self, step: int, loss: torch.Tensor, grad_norm, params) -> None:
-        if grad_norm is None:  # a non-finite gradient makes its sum non-finite; a sum is cheaper than a norm
-            grad_norm = torch.stack([p.grad.sum() for p in params if p.grad is not None]).sum()
+        if grad_norm is None:  # one fused multi-tensor norm, not a kernel per parameter, on the hot path
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         cause = (~torch.isfinite(loss)).long() + 2 * (~torch.isfinite(grad_norm.float())).long()    # 0-dim
         new = torch.stack([torch.full_like(cause, step), cause])                                    # [2]
         self.first = torch.where((self.first[0] < 0) & (cause > 0), new, self.first)
