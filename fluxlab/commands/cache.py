@@ -36,7 +36,6 @@ def run(a) -> int:
 
 
 def cli_build(config_path: str, overrides: dict[str, str], as_json: bool = False) -> int:
-    from fluxlab import caches
     from fluxlab._atomic import atomic_write_bytes
     from fluxlab.config import load_config
     from fluxlab.training.loader import build_caches

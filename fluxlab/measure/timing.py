@@ -127,13 +127,11 @@ def run(variants: Mapping[str, Callable], *, repeats: int = 20, warmup: int = 3,
         for call in calls.values():
             call(i)
     per_call_clock = "events" if timer.cuda else "wall"
+    k = {n: 1 for n in calls}
     if clock in ("auto", "blocked"):
-        k = {n: _block_size(c, timer, min_block_ms if clock == "auto" else max(min_block_ms, 1e-9), max_block)
-             for n, c in calls.items()}
-        if clock == "blocked":
-            k = {n: max(2, v) for n, v in k.items()}
-    else:
-        k = {n: 1 for n in calls}
+        k = {n: _block_size(c, timer, min_block_ms, max_block) for n, c in calls.items()}
+    if clock == "blocked":  # always a block, even for calls that already last min_block_ms
+        k = {n: max(2, v) for n, v in k.items()}
     used = f"blocked-{per_call_clock}" if any(v > 1 for v in k.values()) else per_call_clock
     samples: dict[str, list[float]] = {n: [] for n in calls}
     deltas: dict[str, dict[str, int]] = {n: {} for n in calls}
