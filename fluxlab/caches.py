@@ -23,6 +23,7 @@ seconds). It is paid once at start-up, never per look-up.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -186,6 +187,13 @@ class ContentCache:
     def reset_stats(self) -> None:
         self.hits = self.misses = 0
         self._seen: dict[str, int] = {}
+
+    def reopen(self, cache_dir: str | os.PathLike) -> "ContentCache":
+        """The same cache (model, identity, options) over `cache_dir`, with an empty memory layer and
+        fresh counters, as a new process would open it, without hashing the model again."""
+        other = copy.copy(self)
+        ContentCache.__init__(other, cache_dir, memory=self.memory)
+        return other
 
     def stats(self) -> dict[str, int]:
         return {"hits": self.hits, "misses": self.misses, "bytes": sum(self._seen.values())}
@@ -358,6 +366,7 @@ class PositionIdCache:
 
     def reset_stats(self) -> None:
         self.hits = self.misses = 0
+        self.by_size: dict[tuple[int, int], dict[str, int]] = {}  # (latent_h, latent_w) -> hits, misses
 
     def stats(self) -> dict[str, int]:
         held = sum(_nbytes({"i": i, "t": t}) for i, t in self._lru.values())
@@ -370,11 +379,14 @@ class PositionIdCache:
         """(img_ids [latent_h/2 * latent_w/2, 3], txt_ids [text_len, 3]) for packed 2x2 latents."""
         key = (int(latent_h), int(latent_w), int(text_len), str(torch.device(device)), dtype)
         hit = self._lru.get(key)
+        size = self.by_size.setdefault((int(latent_h), int(latent_w)), {"hits": 0, "misses": 0})
         if hit is not None:
             self.hits += 1
+            size["hits"] += 1
             self._lru.move_to_end(key)
             return hit
         self.misses += 1
+        size["misses"] += 1
         from diffusers import FluxPipeline
 
         img_ids = FluxPipeline._prepare_latent_image_ids(None, latent_h // 2, latent_w // 2, device, dtype)
@@ -387,10 +399,10 @@ class PositionIdCache:
     def precompute(self, buckets: Iterable[tuple[int, int]], text_len: int, device, dtype,
                    *, vae_scale_factor: int = 8) -> None:
         """Fill the LRU for pixel-space `buckets` (H, W); not counted as look-ups."""
-        hits, misses = self.hits, self.misses
+        hits, misses, by_size = self.hits, self.misses, {k: dict(v) for k, v in self.by_size.items()}
         for h, w in buckets:
             self.get(h // vae_scale_factor, w // vae_scale_factor, text_len, device, dtype)
-        self.hits, self.misses = hits, misses
+        self.hits, self.misses, self.by_size = hits, misses, by_size
 
 
 # --- verification -------------------------------------------------------------------------------

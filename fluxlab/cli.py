@@ -10,13 +10,13 @@ import argparse
 import os
 import sys
 
-from fluxlab.commands import UserError, bench, cache, data, doctor, generate, notebook, results, tiny, train
+from fluxlab.commands import UserError, bench, cache, data, doctor, generate, model, notebook, results, tiny, train
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fluxlab", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for add in (doctor.add, tiny.add, generate.add, data.add, train.add, cache.add,
+    for add in (doctor.add, tiny.add, model.add, generate.add, data.add, train.add, cache.add,
                 results.add, notebook.add, bench.add):
         add(sub)
     return parser

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from fluxlab.errors import UserError
 from fluxlab.env import default_device, default_dtype  # noqa: F401  (models.default_* stay importable)
 
 # FLUX's autoencoder latent layout: 16 channels, (x - shift) * scale before the transformer.
@@ -43,6 +44,16 @@ PRESETS = {
     "flux1-dev": FLUX1_DEV_TRANSFORMER,
     "flux1-schnell": {**FLUX1_DEV_TRANSFORMER, "guidance_embeds": False},
 }
+# The whole pipeline at real shape: VAE, CLIP-L/14, T5-XXL and tokenizers with the real vocab
+# sizes, random weights, built on the device. `flux1-dev` alone means the same pipeline, except
+# that benchmarks without data build its transformer only.
+FULL_PRESETS = {"flux1-dev-full": "flux1-dev", "flux1-schnell-full": "flux1-schnell"}
+REAL_PRESETS = ("flux1-dev", "flux1-schnell", *FULL_PRESETS)
+
+
+def base_preset(name: str) -> str:
+    """The transformer preset behind a model name (`flux1-dev-full` -> `flux1-dev`)."""
+    return FULL_PRESETS.get(name, name)
 
 # FlowMatchEulerDiscreteScheduler as FLUX.1-dev ships it (schnell: no dynamic shift, shift 1).
 FLUX_DEV_SCHEDULER = dict(
@@ -99,6 +110,7 @@ def build_transformer(preset: str = "tiny", device: str | torch.device = "cpu",
     """
     from diffusers import FluxTransformer2DModel
 
+    preset = base_preset(preset)
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     dtype = dtype or default_dtype(device)
@@ -133,8 +145,24 @@ def _corpus() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def train_tokenizers(vocab_clip: int = 512, vocab_t5: int = 256):
-    """Train a CLIP-style BPE and a T5-style unigram tokenizer on the shipped caption corpus.
+def full_corpus(lines: int = 200_000, seed: int = 0) -> list[str]:
+    """The caption corpus plus seeded pseudo-words: enough distinct text for vocabularies of the
+    real sizes (49408 BPE entries, 32128 unigram pieces), which the captions alone cannot fill."""
+    import random
+
+    rng = random.Random(seed)
+    cons, vow = "bcdfghjklmnprstvwz", "aeiouy"
+
+    def word() -> str:
+        return "".join(rng.choice(cons) + rng.choice(vow) + (rng.choice(cons) if rng.random() < 0.4 else "")
+                       for _ in range(rng.randint(1, 4)))
+
+    return _corpus() + [" ".join(word() for _ in range(rng.randint(4, 16))) for _ in range(lines)]
+
+
+def train_tokenizers(vocab_clip: int = 512, vocab_t5: int = 256, corpus: list[str] | None = None):
+    """Train a CLIP-style BPE and a T5-style unigram tokenizer on the shipped caption corpus
+    (or `corpus`).
 
     `tokenizers` training is not bit-reproducible (hash-map order, parallel float sums), so this
     ran once (`python -m fluxlab.models retrain-tokenizers`) and its output ships in
@@ -143,7 +171,7 @@ def train_tokenizers(vocab_clip: int = 512, vocab_t5: int = 256):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import CLIPTokenizer, T5TokenizerFast
 
-    corpus = _corpus()
+    corpus = corpus or _corpus()
     bpe = Tokenizer(models.BPE(unk_token="<|endoftext|>", end_of_word_suffix="</w>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
     # Split on whitespace first so merges never carry a space marker, as CLIP's own vocab.
@@ -169,12 +197,26 @@ def train_tokenizers(vocab_clip: int = 512, vocab_t5: int = 256):
 TOKENIZER_ASSETS = "assets/tokenizers"
 
 
-def load_tokenizers():
-    """The shipped, pre-trained tiny tokenizers (see train_tokenizers)."""
+def load_tokenizers(full: bool = False):
+    """The shipped, pre-trained tokenizers (see train_tokenizers): tiny ones, or with `full` ones
+    with the real vocab sizes (CLIP 49408, T5 32128) for the real-shape presets."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     root = Path(str(resources.files("fluxlab").joinpath(TOKENIZER_ASSETS)))
-    return CLIPTokenizer.from_pretrained(root / "clip"), T5TokenizerFast.from_pretrained(root / "t5")
+    suffix = "-full" if full else ""
+    return CLIPTokenizer.from_pretrained(root / f"clip{suffix}"), T5TokenizerFast.from_pretrained(root / f"t5{suffix}")
+
+
+def retrain_tokenizers(full: bool = False) -> Path:
+    """Train the tokenizers again and write them over the shipped assets (a maintainer's step)."""
+    root = Path(__file__).resolve().parent / TOKENIZER_ASSETS
+    if full:
+        toks = train_tokenizers(FLUX_CLIP["vocab_size"], FLUX_T5["vocab_size"], full_corpus())
+    else:
+        toks = train_tokenizers()
+    for tok, name in zip(toks, ("clip", "t5")):
+        tok.save_pretrained(root / (name + ("-full" if full else "")))
+    return root
 
 
 # --- whole pipelines ---------------------------------------------------------------------------
@@ -205,7 +247,14 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV_SCHEDULER), vae=vae,
                         text_encoder=clip, tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok,
                         transformer=transformer)
-    # Write beside the target, then rename: an interrupted build never leaves a half pipeline.
+    return _save_atomic(pipe, path)
+
+
+def _save_atomic(pipe, path: Path) -> Path:
+    """save_pretrained beside the target, then rename: an interrupted build never leaves a half
+    pipeline. An earlier pipeline folder at `path` is replaced; anything else there is refused."""
+    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
+        raise UserError(f"{path}: exists and is not a pipeline folder; choose an empty or new folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -250,38 +299,81 @@ def check_flux_layout(path: str | os.PathLike) -> Path:
     return path
 
 
-def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype | None = None, seed: int = 0):
-    """A real-shape FluxPipeline with random weights built on `device` (GPU benchmarks).
+def build_pipeline(preset: str, device: str | torch.device, dtype: torch.dtype | None = None, seed: int = 0,
+                   *, transformer: bool = True, encoders: bool = True):
+    """A real-shape FluxPipeline with random weights built on `device`: the transformer, FLUX's
+    AutoencoderKL, CLIP-L/14 and T5-XXL, and tokenizers with the real vocab sizes.
 
-    Tokenizers are the tiny offline ones: ids stay inside the real vocab sizes.
+    `transformer=False` / `encoders=False` leave those parts out (None): the trainer fills its
+    caches with the encoders first, frees them, and only then builds the transformer.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline
 
+    preset = base_preset(preset)
     dtype = dtype or default_dtype(device)
-    clip_tok, t5_tok = load_tokenizers()
-    transformer = build_transformer(preset, device, dtype, seed=seed)
-    with torch.device(device), _default_dtype(dtype):
-        vae = AutoencoderKL(**FLUX_VAE).eval()
-        clip, t5 = _text_encoders(FLUX_CLIP, FLUX_T5, FLUX_CLIP["vocab_size"], FLUX_T5["vocab_size"])
+    clip_tok, t5_tok = load_tokenizers(full=True)
+    tr = build_transformer(preset, device, dtype, seed=seed) if transformer else None
+    vae = clip = t5 = None
+    if encoders:
+        torch.manual_seed(seed + 1)  # the encoders' weights do not depend on whether the transformer was built
+        with torch.device(device), _default_dtype(dtype):
+            vae = AutoencoderKL(**FLUX_VAE).eval()
+            clip, t5 = _text_encoders(FLUX_CLIP, FLUX_T5, FLUX_CLIP["vocab_size"], FLUX_T5["vocab_size"])
     sched = FLUX_SCHNELL_SCHEDULER if preset == "flux1-schnell" else FLUX_DEV_SCHEDULER
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**sched), vae=vae, text_encoder=clip,
-                        tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
+                        tokenizer=clip_tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=tr)
 
 
 def load_pipeline(path_or_preset: str | os.PathLike = "tiny", device: str | torch.device | None = None,
-                  dtype: torch.dtype | None = None, seed: int = 0):
+                  dtype: torch.dtype | None = None, seed: int = 0, *, transformer: bool = True,
+                  encoders: bool = True):
     """Load a FluxPipeline: `tiny` (built offline once), a real-shape preset, or a local folder.
 
     Folders load with `FluxPipeline.from_pretrained(..., local_files_only=True)`, the same call a
-    user with real weights makes.
+    user with real weights makes. `transformer=False` / `encoders=False`: those parts are not
+    loaded at all (None in the pipeline); load the transformer later with `load_transformer`.
     """
     from diffusers import FluxPipeline
 
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     name = str(path_or_preset)
-    if name in ("flux1-dev", "flux1-schnell"):
-        return build_pipeline(name, device, dtype, seed=seed)
+    if name in REAL_PRESETS:
+        return build_pipeline(name, device, dtype, seed=seed, transformer=transformer, encoders=encoders)
     path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
-    pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True)
+    skip = {k: None for k, keep in (("transformer", transformer), ("vae", encoders), ("text_encoder", encoders),
+                                    ("text_encoder_2", encoders)) if not keep}
+    pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **skip)
     return pipe.to(device)
+
+
+def load_transformer(path_or_preset: str | os.PathLike = "tiny", device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None, seed: int = 0):
+    """The transformer alone, as `load_pipeline` would load it: built at a preset's shape, or read
+    from a pipeline folder's `transformer/` with `from_pretrained`."""
+    from diffusers import FluxTransformer2DModel
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    name = str(path_or_preset)
+    if name in REAL_PRESETS:
+        return build_transformer(name, device, dtype, seed=seed)
+    path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
+    tr = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype, local_files_only=True)
+    return tr.to(device).eval()
+
+
+def save_pipeline(preset: str, path: str | os.PathLike, device: str | torch.device, dtype: torch.dtype | None = None,
+                  seed: int = 0) -> Path:
+    """Build a real-shape preset on `device` and save it with `save_pretrained` (atomically), so
+    that it loads as a user's FLUX folder does (`fluxlab model build`)."""
+    path = Path(path)
+    return _save_atomic(build_pipeline(preset, device, dtype, seed=seed), path)
+
+
+if __name__ == "__main__":  # python -m fluxlab.models retrain-tokenizers [--full]
+    import sys
+
+    if sys.argv[1:2] != ["retrain-tokenizers"] or sys.argv[2:] not in ([], ["--full"]):
+        sys.exit("usage: python -m fluxlab.models retrain-tokenizers [--full]")
+    print(f"tokenizers written under {retrain_tokenizers(full=sys.argv[2:] == ['--full'])}")

@@ -90,7 +90,8 @@ class TrainData:
     batches: "Batches"
     val_items: list[dict]
     """The held-out items (the last validation_size images), always with latents: no augmentation."""
-    latent_cache: LatentCache
+    latent_cache: LatentCache | None
+    """Only when latents are encoded every step (it holds the VAE); else None, and the VAE is freed."""
     encode_every_step: bool
     """Random crops / flips change pixels every epoch: latents are encoded per step from pixels."""
     cache_stats: dict
@@ -119,7 +120,8 @@ def build_caches(cfg: TrainConfig, pipe=None) -> dict[str, dict[str, int]]:
     from fluxlab import models
 
     device = cfg.resolved_device()
-    pipe = pipe or models.load_pipeline(cfg.model, device=device)
+    dtype = cfg.compute_dtype(device)  # the trainer's: the encoders' dtype is part of every cache key
+    pipe = pipe or models.load_pipeline(cfg.model, device=device, dtype=dtype, transformer=False)
     ds = ImageCaptionDataset(cfg.data, cfg.resolution, center_crop=cfg.center_crop,
                              random_flip=cfg.random_flip, seed=cfg.seed)
     latents = LatentCache(cfg.cache_dir, pipe.vae, memory=False)
@@ -128,7 +130,6 @@ def build_caches(cfg: TrainConfig, pipe=None) -> dict[str, dict[str, int]]:
     augmented = cfg.random_flip or not cfg.center_crop
     if augmented:
         print("note: random flip/crop is on, so latents are encoded every step and not cached", file=sys.stderr)
-    dtype = pipe.transformer.dtype if getattr(pipe, "transformer", None) is not None else torch.float32
     verbosity = dlog.get_verbosity()
     dlog.set_verbosity_error()  # encode_prompt warns once per caption it pads or truncates
     try:
@@ -186,7 +187,7 @@ def build_data(cfg: TrainConfig, ds: ImageCaptionDataset, pipe, rank: int, world
         # Its own generator: each iter() draws a base seed, and from the global RNG that draw
         # would shift dropout masks whenever a resumed run re-creates the iterator.
         generator=torch.Generator().manual_seed(cfg.seed))
-    return TrainData(Batches(loader, sampler), val_items, latent_cache, every_step,
+    return TrainData(Batches(loader, sampler), val_items, latent_cache if every_step else None, every_step,
                      {"latent": latent_cache.stats(), "text": text_cache.stats()})
 
 

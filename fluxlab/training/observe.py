@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ class TrainResult:
     cache_stats: dict = field(default_factory=dict)
     data_wait_s: list[float] = field(default_factory=list)
     wall_s: float = 0.0
+    setup_s: float = 0.0
+    """Seconds Trainer.setup took: loading, filling the caches (the cold pass), building the model."""
+    memory: dict = field(default_factory=dict)
+    compile: dict = field(default_factory=dict)
+    """torch.compile counters over this run (`compile_counts`): unique_graphs, graph_breaks."""
+    """CUDA only, GiB: encode_peak_gib (filling the caches), with_encoders_gib / after_release_gib /
+    freed_gib (around the encoders' release, before the transformer loads), train_peak_gib."""
     adapter_sha256_per_rank: list[str] = field(default_factory=list)
     """Per rank, sha256 of the trainable parameters (names + fp32 bytes): equal on every rank when
     DDP kept the replicas in sync. A hash of tensors in memory, not of the file (lora_file_sha256)."""
@@ -60,6 +68,16 @@ class TrainResult:
     def lora_sha256_per_rank(self) -> list[str]:
         """Former name of adapter_sha256_per_rank (it never hashed the file); kept for old readers."""
         return self.adapter_sha256_per_rank
+
+
+def compile_counts(since: dict | None = None) -> dict[str, int]:
+    """torch.compile's process-wide counters (graphs compiled, graph breaks), minus `since`: with
+    static shapes, one graph per block kind and aspect bucket."""
+    from torch._dynamo.utils import counters
+
+    now = {"unique_graphs": int(counters["stats"]["unique_graphs"]),
+           "graph_breaks": int(sum(counters["graph_break"].values()))}
+    return {k: v - (since or {}).get(k, 0) for k, v in now.items()}
 
 
 class RunFiles:
@@ -107,6 +125,7 @@ class Metrics:
         self.bar = None
 
     def start(self, steps: int, start_step: int, show: bool) -> None:
+        self.t0 = time.perf_counter()
         self.bar = tqdm(total=steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         disable=not show)
 
@@ -128,6 +147,9 @@ class Metrics:
         rows = []
         for r in self.pending:
             r = {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in r.items()}
+            # When the row's values arrived from the device (seconds since the loop started): with
+            # log_every=1, consecutive differences are whole step times, device work included.
+            r["logged_s"] = time.perf_counter() - self.t0
             rows.append(r)
             for k in self.history:
                 if k in r:

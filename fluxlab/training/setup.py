@@ -4,13 +4,14 @@ DDP and the optimizer. Also the small distributed helpers the other training mod
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxTransformer2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
@@ -78,43 +79,65 @@ def destroy_distributed() -> None:
 
 # --- the pipeline -------------------------------------------------------------------------------
 def load_pipeline(cfg: TrainConfig, pipe, device: torch.device, dtype: torch.dtype, with_data: bool):
-    """`pipe` (a preloaded FluxPipeline) on `device`, or the config's model loaded; quantized when asked."""
+    """The pipeline's parts the data pass needs: scheduler, VAE, tokenizers and (with data) the text
+    encoders, on `device`, without the transformer: `load_transformer` loads that once the caches
+    are filled and the encoders freed, so they never share the GPU. A preloaded `pipe` is used
+    as it is."""
     if pipe is not None:
-        p = next(pipe.transformer.parameters())
+        return pipe
+    return models.load_pipeline(cfg.model, device=device, dtype=dtype, seed=0, transformer=False,
+                                encoders=with_data)
+
+
+def load_transformer(cfg: TrainConfig, pipe, device: torch.device, dtype: torch.dtype):
+    """The transformer to train: a preloaded pipeline's (moved to `device`), or the config's model
+    loaded, quantized when asked."""
+    if pipe is not None and pipe.transformer is not None:
+        tr = pipe.transformer
+        p = next(tr.parameters())
         if p.device != device or p.dtype != dtype:
-            pipe.transformer.to(device, dtype)
-    elif not with_data and cfg.model in ("flux1-dev", "flux1-schnell"):
-        # Benchmarks: the transformer alone at real shape (no 9.5 GB T5 that nothing would use).
-        sched = models.FLUX_SCHNELL_SCHEDULER if cfg.model == "flux1-schnell" else models.FLUX_DEV_SCHEDULER
-        tr = models.build_transformer(cfg.model, device, dtype, seed=cfg.seed)
-        pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**sched), vae=None, text_encoder=None,
-                            tokenizer=None, text_encoder_2=None, tokenizer_2=None, transformer=tr)
+            tr.to(device, dtype)
+    elif cfg.quantize != "none":
+        tr = quantized_transformer(cfg, device, dtype)
     else:
-        pipe = models.load_pipeline(cfg.model, device=device, dtype=dtype, seed=0)
-    if cfg.quantize != "none":
-        pipe.transformer = quantized_transformer(cfg, pipe, dtype)
-    return pipe
+        tr = models.load_transformer(cfg.model, device=device, dtype=dtype, seed=0)
+    return tr
 
 
-def quantized_transformer(cfg: TrainConfig, pipe, dtype: torch.dtype):
+def quantized_transformer(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
     """QLoRA base: the transformer in NF4 / int8 with diffusers' BitsAndBytesConfig settings."""
     try:
         import bitsandbytes  # noqa: F401  (an availability check)
     except ImportError:
         raise ConfigError("quantize: bitsandbytes is not installed; pip install 'fluxlab[quant]'") from None
-    if cfg.model in ("flux1-dev", "flux1-schnell"):
+    if cfg.model in models.REAL_PRESETS:
         # Random-weight presets have no checkpoint to load quantized: swap the layers in place.
-        tr = pipe.transformer
+        tr = models.build_transformer(cfg.model, device, dtype, seed=0)
         quant.quantize_transformer(tr, cfg.quantize, dtype)
     else:
         root = models.tiny_pipeline_path() if cfg.model == "tiny" else Path(cfg.model)
-        pipe.transformer = None
-        torch.cuda.empty_cache()
         tr = FluxTransformer2DModel.from_pretrained(root, subfolder="transformer", local_files_only=True,
                                                     quantization_config=quant.bnb_config(cfg.quantize, dtype),
                                                     dtype=dtype)
     tr.requires_grad_(False)
     return tr
+
+
+def release_encoders(pipe, device: torch.device) -> dict[str, float]:
+    """Drop the pipeline's VAE and text encoders (this process built them: nothing else holds
+    them once the caches are filled) and return the device memory before and after, in GiB.
+    On the GPU `freed_gib` is what the encoders held; the transformer loads after this."""
+    def allocated() -> float:
+        return torch.cuda.memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+    before = allocated()
+    for name in ("vae", "text_encoder", "text_encoder_2"):
+        setattr(pipe, name, None)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    after = allocated()
+    return {"with_encoders_gib": before, "after_release_gib": after, "freed_gib": before - after}
 
 
 def vae_constants(vae) -> tuple[float, float, int]:
@@ -149,7 +172,8 @@ def add_adapter(tr, cfg: TrainConfig):
     attention.install(tr, cfg.attention_backend)
     report = kernels.patch(tr) if cfg.use_kernels else None  # after install: keeps the chosen backend
     if cfg.compile:
-        models.compile_blocks(tr, fullgraph=True)  # by position: kernels.patch renames block classes
+        # By position (kernels.patch renames block classes); static shapes: one graph per aspect bucket.
+        models.compile_blocks(tr, fullgraph=True, dynamic=False)
     tr.train()
     return report
 

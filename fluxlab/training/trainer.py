@@ -39,6 +39,8 @@ class Trainer:
         self.data: loader.TrainData | None = None  # None after setup(with_data=False)
         self.batches: loader.Batches | None = None  # the training batches and where they stand
         self.patch_report, self.cache_stats = None, {}
+        self.setup_s = 0.0
+        self.memory: dict[str, float] = {}    # device memory around the encoders' release (GiB; CUDA only)
         self.signals = RunSignals()
         self.ckpt: state.CheckpointManager | None = None
         self.files = observe.RunFiles(self.out, 0)
@@ -51,7 +53,7 @@ class Trainer:
     # ---- setup ---------------------------------------------------------------------------------
     def setup(self, with_data: bool = True) -> "Trainer":
         with self.signals.handling("abort"):  # start-up has nothing to save: a signal stops it at once
-            cfg = self.cfg
+            t0, cfg = time.perf_counter(), self.cfg
             # Before anything is read or loaded: may this run write into output_dir? (Timing set-ups
             # without data never write there; `train` checks then, if it ever runs.)
             if with_data:
@@ -68,22 +70,31 @@ class Trainer:
             self.ckpt = state.CheckpointManager(cfg, self.out / "checkpoints", self.resume, self.rank, self.world)
             resume_from = self.ckpt.find()
 
+            # Encoders first: they fill the caches and are freed before the transformer loads, so
+            # the two never share the device (a preloaded pipe belongs to the caller: kept whole).
             pipe = self._load_pipeline(with_data)
             # A fresh training table from the config: a pipe that already generated has a shortened,
             # set_timesteps'd table in its scheduler, which the loss must not index.
             self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             self.vae_shift, self.vae_scale, self.vae_scale_factor = build.vae_constants(pipe.vae)
-            self.transformer = pipe.transformer
             if with_data:
                 self.data = loader.build_data(cfg, dataset, pipe, self.rank, self.world, self.device)
                 self.batches, self.cache_stats = self.data.batches, self.data.cache_stats
-            self._pipe = pipe = None  # the VAE stays only in the latent cache; the text encoders go
+                if self.device.type == "cuda":
+                    self.memory["encode_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+            if self._pipe is None:  # the VAE stays only in the latent cache, and only if it encodes every step
+                self.memory.update(build.release_encoders(pipe, self.device))
+                if self.device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(self.device)  # from here: the training peak
+            self.transformer = build.load_transformer(cfg, self._pipe, self.device, self.dtype)
+            self._pipe = pipe = None
             self.patch_report = build.add_adapter(self.transformer, cfg)
             self.model = build.wrap_ddp(self.transformer, self.device)
             self.optimizer, self.lr_scheduler = build.make_optimizer(cfg, list(self.trainable_parameters().values()))
             self.guard = observe.NonFiniteGuard(self.device)
             self.global_step = self.ckpt.resume(resume_from, self.trainable_parameters(), self.optimizer,
                                                 self.lr_scheduler, self.batches)
+            self.setup_s = time.perf_counter() - t0
             return self  # the loaded checkpoint's tensors and optimizer state are freed here
 
     def _load_pipeline(self, with_data: bool):
@@ -153,6 +164,12 @@ class Trainer:
                                       device or self.device, batch_size, resolution, seq_len)
 
     # ---- the loop ---------------------------------------------------------------------------------
+    def bucket_of(self, mb: dict) -> str:
+        """The micro-batch's aspect bucket in pixels, "HxW" (a batch never mixes buckets)."""
+        h, w = mb["mean"].shape[-2:] if "mean" in mb else mb["pixels"].shape[-2:]
+        f = self.vae_scale_factor if "mean" in mb else 1
+        return f"{h * f}x{w * f}"
+
     def next_micro_batch(self) -> dict:
         """The next batch from the bucketed loader, crossing epochs."""
         return self.batches.next()
@@ -168,6 +185,7 @@ class Trainer:
     def _train(self) -> TrainResult:
         cfg, is_main = self.cfg, self.rank == 0
         t_start, start_step = time.perf_counter(), self.global_step
+        compiled_before = observe.compile_counts()
         result = TrainResult(final_loss=float("nan"), losses=[], lora_path=None, steps_done=self.global_step,
                              start_step=start_step, output_dir=self.out, patch_report=self.patch_report,
                              cache_stats=self.cache_stats)
@@ -194,7 +212,8 @@ class Trainer:
                 except torch.OutOfMemoryError as e:
                     raise observe.oom_error(self, e) from None
                 step, start = self.global_step, self.batches.position  # where the next step starts
-                row = {"step": step, "epoch": start[0], "loss": out["loss"], "lr": out["lr"], "data_wait_s": wait}
+                row = {"step": step, "epoch": start[0], "bucket": self.bucket_of(micro[0]), "loss": out["loss"],
+                       "lr": out["lr"], "data_wait_s": wait}
                 if step < cfg.steps:  # the next batches, fetched while this step's kernels still run
                     micro, wait = self.batches.fetch(n)
                 row["step_time_s"] = time.perf_counter() - t0
@@ -227,6 +246,12 @@ class Trainer:
             result.adapter_sha256_per_rank = build.gather(state.adapter_digest(self.trainable_parameters()))
             if is_main and not self.signals.stop_requested:  # asked to stop: the curves can wait
                 self._plot_curves()
+        result.cache_stats = {**self.cache_stats, "position": self.positions.stats(), "position_by_bucket": {
+            f"{h * self.vae_scale_factor}x{w * self.vae_scale_factor}": n for (h, w), n in self.positions.by_size.items()}}
+        result.compile = observe.compile_counts(since=compiled_before)
+        if self.device.type == "cuda":
+            self.memory["train_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        result.memory, result.setup_s = dict(self.memory), self.setup_s
         result.writes_per_rank = build.gather(list(self.files.written))
         result.wall_s = time.perf_counter() - t_start
         if is_main:

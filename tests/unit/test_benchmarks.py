@@ -179,15 +179,24 @@ def test_caches_benchmark_records_hit_and_miss_evidence(home, tmp_path):
 
     out = tmp_path / "caches.jsonl"
     assert caches.main(["--out", str(out), "--repeats", "2", "--warmup", "0", "--batch", "1", "--max-seq", "8"]) == 0
-    (line,) = out.read_text().splitlines()
-    rec = json.loads(line)
-    assert rec["benchmark"] == "caches_cold_vs_warm_step" and set(rec["samples"]) == {"cold", "warm", "warm_disk"}
-    assert rec["verdict"] in bench.VERDICTS and rec["git_commit"]
-    by = rec["metrics"]["evidence_by_variant"]
-    assert rec["metrics"]["evidence"] == by["warm"] and by["warm"]["ran"]
-    assert by["warm"]["counters"]["latent.hits"] == 2 and by["warm"]["counters"]["latent.misses"] == 0
-    assert by["cold"]["ran"] and by["cold"]["counters"]["latent.misses"] == 2
-    assert by["warm_disk"]["counters"]["text.hits"] == 2 and by["warm_disk"]["counters"]["text.misses"] == 0
+    recs = {r["benchmark"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(recs) == {"caches/cold", "caches/warm", "caches/warm_disk", "caches/encode/vae", "caches/encode/t5",
+                         "caches/encode/clip"}
+    cold, warm, disk = recs["caches/cold"], recs["caches/warm"], recs["caches/warm_disk"]
+    for r in (cold, warm, disk):
+        m = r["metrics"]
+        assert r["git_commit"] and m["cold_ms"] == cold["metrics"]["median_ms"]
+        assert m["warm_ms"] == warm["metrics"]["median_ms"]
+        # The preparation is part of the step: a fraction of it, measured per timed call.
+        assert len(m["data_ms_samples"]) == 2 and 0 < m["data_overhead_fraction"] < 1
+    assert warm["verdict"] in bench.VERDICTS and warm["samples"]["baseline"] == cold["samples"]["candidate"]
+    ev = {n: r["metrics"]["evidence"] for n, r in (("cold", cold), ("warm", warm), ("warm_disk", disk))}
+    assert ev["warm"]["ran"] and ev["warm"]["counters"]["latent.hits"] == 2 and ev["warm"]["counters"]["latent.misses"] == 0
+    assert ev["cold"]["ran"] and ev["cold"]["counters"]["latent.misses"] == 2
+    assert ev["warm_disk"]["counters"]["text.hits"] == 2 and ev["warm_disk"]["counters"]["text.misses"] == 0
+    # Cold pays the encoders, so its preparation is the larger share of its step.
+    assert cold["metrics"]["data_overhead_fraction"] > warm["metrics"]["data_overhead_fraction"]
+    assert all(recs[f"caches/encode/{k}"]["metrics"]["median_ms"] > 0 for k in ("vae", "t5", "clip"))
 
 
 def test_caches_bad_size_is_one_line_and_writes_nothing(tmp_path, capsys):
@@ -308,3 +317,33 @@ def test_ddp_record_needs_the_all_reduce_seen_and_keeps_protected_fields(tmp_pat
     alone = ddp.write_record(single, run([CUDNN_FWD, "DistributedDataParallel.forward"], 2), 2, {"gpus": 2},
                              tmp_path / "d.db")
     assert alone["verdict"] == "did-not-run" and "nccl" in alone["metrics"]["reason"]
+
+
+# --- pipeline: the user's train command end to end, interrupted and resumed; buckets -------------
+def test_pipeline_benchmark_resumes_bitwise_and_times_every_bucket(home, tmp_path):
+    """On the tiny preset (CPU): run B is really interrupted by SIGTERM, resumed where it stopped,
+    and its loss curve equals the uninterrupted run's; the bucket part trains over three aspect
+    buckets and times each with its own position-id hits as evidence."""
+    from benchmarks import pipeline
+
+    out = tmp_path / "out"
+    assert pipeline.main(["--model", "tiny", "--res", "256", "--steps", "24", "--interrupt-at", "5", "--device", "cpu",
+                          "--images", "9", "--bucket-steps", "6", "--repeats", "3", "--out", str(out)]) == 0
+    recs = {r["benchmark"]: r for r in map(json.loads, (out / "records.jsonl").read_text().splitlines())}
+    res = recs["pipeline/resume"]["metrics"]
+    assert recs["pipeline/resume"]["verdict"] == "pass", res
+    assert res["rc"] == {"A": 0, "B": 143, "C": 0}
+    assert 5 <= res["stopped_at"] < 24 and res["resumed_from"] == res["stopped_at"]
+    assert res["deterministic"] and res["max_abs_diff_after"] == 0.0
+    assert len(res["losses_resumed"]) == 24 and res["losses_resumed"] == res["losses_uninterrupted"]
+    train = recs["pipeline/train"]["metrics"]
+    assert 0 < train["data_wait_ms"] < train["step_ms"] and 0 < train["data_overhead_fraction"] < 1
+    assert train["cache_stats_cold"]["text"]["misses"] > 0 and train["cache_stats_warm"]["text"]["misses"] == 0
+    b = recs["pipeline/buckets"]["metrics"]
+    assert b["buckets"] == ["192x320", "256x256", "320x192"]
+    assert sum(b["steps_per_bucket"].values()) == 6
+    for bucket in b["buckets"]:
+        r = recs[f"pipeline/buckets/{bucket}"]
+        ev = r["metrics"]["evidence"]
+        assert ev["ran"] and ev["counters"]["position.hits"] >= 3, ev
+        assert r["metrics"]["position_after_timing"]["misses"] == 1   # computed once per bucket, then hit

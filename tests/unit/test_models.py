@@ -87,3 +87,33 @@ def test_bad_model_path_gets_a_helpful_error(tmp_path, make_bad, needle):
     with pytest.raises(models.ModelLayoutError, match=needle):
         models.load_pipeline(bad, device="cpu")
     assert main(["generate", "--model", str(bad), "--out", str(tmp_path / "x.png")]) == 2
+
+
+@pytest.mark.parametrize("name", ["flux1-dev-full", "flux1-schnell-full"])
+def test_full_preset_has_every_component_at_flux_shape(name):
+    """The full preset on the meta device: FLUX's VAE, CLIP-L/14 and T5-XXL at their real sizes, and
+    tokenizers whose vocabularies fill the encoders' embedding tables."""
+    pipe = models.load_pipeline(name, device="meta", dtype=torch.bfloat16)
+    counts = {k: models.param_count(getattr(pipe, k)) for k in ("transformer", "vae", "text_encoder", "text_encoder_2")}
+    expected = {"transformer": 11.90e9 if name == "flux1-dev-full" else 11.85e9,
+                "vae": 83.8e6, "text_encoder": 123.1e6, "text_encoder_2": 4.76e9}
+    for k, n in expected.items():
+        assert abs(counts[k] - n) / n < 0.01, (k, counts[k])
+    assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size == 49408
+    assert len(pipe.tokenizer_2) == pipe.text_encoder_2.config.vocab_size == 32128
+    ids = pipe.tokenizer_2("a photo of a cat", padding="max_length", max_length=512).input_ids
+    assert len(ids) == 512 and max(ids) < 32128
+    assert pipe.vae.config.block_out_channels == [128, 256, 512, 512] or \
+        tuple(pipe.vae.config.block_out_channels) == (128, 256, 512, 512)
+    alone = models.load_pipeline(name, device="meta", dtype=torch.bfloat16, transformer=False)
+    assert alone.transformer is None and alone.text_encoder_2 is not None
+
+
+def test_tiny_transformer_loads_alone_as_in_the_pipeline(home):
+    whole = models.load_pipeline("tiny", "cpu", torch.float32)
+    alone = models.load_transformer("tiny", "cpu", torch.float32)
+    a, b = whole.transformer.state_dict(), alone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    parts = models.load_pipeline("tiny", "cpu", torch.float32, transformer=False, encoders=False)
+    assert (parts.transformer, parts.vae, parts.text_encoder, parts.text_encoder_2) == (None,) * 4
+    assert parts.tokenizer is not None and parts.scheduler is not None

@@ -204,3 +204,39 @@ def test_out_of_memory_reports_the_step_and_checkpoints_the_last_completed_one(p
     assert ckpt.state["sampler"]["cursor"] == 2 * cfg.gradient_accumulation, ckpt.state["sampler"]
     for name, p in tr.trainable_parameters().items():           # params of the last completed step
         assert torch.equal(ckpt.tensors[name], p.detach()), name
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_encoders_are_freed_before_the_transformer_loads(shapes, tmp_path, home, monkeypatch, flip):
+    """The trainer fills the caches with the VAE and text encoders, lets them go, and only then
+    loads the transformer: at that moment nothing holds the encoders any more (weak references are
+    dead), so on a GPU they never share memory with the transformer. With random flips the VAE
+    must stay (it encodes every step) and the text encoders still go."""
+    import gc
+    import weakref
+
+    refs, seen = {}, {}
+    real_pipeline, real_transformer = models.load_pipeline, models.load_transformer
+
+    def load_pipeline(*a, **k):
+        p = real_pipeline(*a, **k)
+        assert p.transformer is None          # the encoders come alone
+        refs.update({n: weakref.ref(getattr(p, n)) for n in ("vae", "text_encoder", "text_encoder_2")})
+        return p
+
+    def load_transformer(*a, **k):
+        gc.collect()
+        seen.update({n: r() is not None for n, r in refs.items()})
+        return real_transformer(*a, **k)
+
+    monkeypatch.setattr(models, "load_pipeline", load_pipeline)
+    monkeypatch.setattr(models, "load_transformer", load_transformer)
+    t = Trainer(_cfg(shapes, tmp_path / "run", random_flip=flip, validation_every=0)).setup()
+    try:
+        assert seen == {"vae": flip, "text_encoder": False, "text_encoder_2": False}
+        assert (t.data.latent_cache is not None) == flip
+        assert t.cache_stats["text"]["misses"] + t.cache_stats["text"]["hits"] == 16
+        out = t.step([t.next_micro_batch()])      # and it still trains (encoding every step with flips)
+        assert torch.isfinite(out["loss"])
+    finally:
+        t.close()
