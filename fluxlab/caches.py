@@ -345,7 +345,9 @@ class TextEmbeddingCache(ContentCache):
 
     @_no_grad_encode
     def _encode(self, caption: str) -> dict[str, torch.Tensor]:
-        embeds, pooled, _ = self.pipe.encode_prompt(caption, device=torch.device("cpu"),
+        # On the encoders' own device (the GPU for a real-scale pipeline); _lookup keeps a CPU copy.
+        device = next(self.pipe.text_encoder_2.parameters()).device
+        embeds, pooled, _ = self.pipe.encode_prompt(caption, device=device,
                                                     max_sequence_length=self.max_sequence_length)
         return {"prompt_embeds": embeds[0], "pooled": pooled[0]}  # [S, D], [D_pool]
 
