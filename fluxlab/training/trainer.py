@@ -247,7 +247,7 @@ class Trainer:
             if is_main and not self.signals.stop_requested:  # asked to stop: the curves can wait
                 self._plot_curves()
         result.cache_stats = {**self.cache_stats, "position": self.positions.stats(), "position_by_bucket": {
-            f"{h * self.vae_scale_factor}x{w * self.vae_scale_factor}": n for (h, w), n in self.positions.by_size.items()}}
+            f"{h * self.vae_scale_factor}x{w * self.vae_scale_factor}": dict(n) for (h, w), n in self.positions.by_size.items()}}
         result.compile = observe.compile_counts(since=compiled_before)
         if self.device.type == "cuda":
             self.memory["train_peak_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -342,6 +342,9 @@ def test_pipeline_benchmark_resumes_bitwise_and_times_every_bucket(home, tmp_pat
     b = recs["pipeline/buckets"]["metrics"]
     assert b["buckets"] == ["192x320", "256x256", "320x192"]
     assert sum(b["steps_per_bucket"].values()) == 6
+    # The run's own look-ups (one per step), apart from the timed steps that came after it.
+    assert {k: v["hits"] + v["misses"] for k, v in b["position_by_bucket"].items()} == \
+        {k: n for k, n in b["steps_per_bucket"].items() if n}
     for bucket in b["buckets"]:
         r = recs[f"pipeline/buckets/{bucket}"]
         ev = r["metrics"]["evidence"]
