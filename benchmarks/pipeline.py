@@ -229,6 +229,7 @@ def part_buckets(a, work: Path, record) -> dict:
         t.close()
     pos = res.cache_stats["position_by_bucket"]
     summary = {"buckets": sorted(variants), "steps": a.bucket_steps, "compile": graphs,
+               "graphs_per_bucket": graphs["unique_graphs"] / max(1, len(variants)),
                "position_by_bucket": {b: {**n, "hit_rate": n["hits"] / max(1, n["hits"] + n["misses"])}
                                       for b, n in pos.items()},
                "steps_per_bucket": {b: sum(r["bucket"] == b for r in rows(work / "D")) for b in variants},

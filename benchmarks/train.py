@@ -49,6 +49,9 @@ FLUXLAB = {
     "fluxlab_fast": {"attention_backend": "cudnn", "compile": True},
     "fluxlab_lean": {"attention_backend": "cudnn", "compile": True, "gradient_checkpointing": True},
     "fluxlab_qlora_nf4": {"attention_backend": "cudnn", "quantize": "nf4", "gradient_checkpointing": True},
+    "fluxlab_fast_cg": {"attention_backend": "cudnn", "compile": True, "compile_mode": "reduce-overhead"},
+    "fluxlab_fast_autotune": {"attention_backend": "cudnn", "compile": True,
+                              "compile_mode": "max-autotune-no-cudagraphs"},
 }
 # Not a TrainConfig mode: compile's min-cut partitioner under an activation-memory budget (a probe
 # of selective recomputation: it keeps matmul/attention outputs, recomputes elementwise work).

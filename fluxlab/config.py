@@ -31,6 +31,7 @@ FLUX_ATTENTION_MODULES = [
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
 ]
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
 TIMESTEP_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")
 
 
@@ -154,6 +155,9 @@ class TrainConfig:
     """Recompute block activations in backward: less memory, ~30% more time."""
     compile: bool = False
     """Regional torch.compile of every transformer block (fluxlab.models.compile_blocks, fullgraph)."""
+    compile_mode: str = "default"
+    """torch.compile mode with compile=true: default | reduce-overhead (CUDA graphs) |
+    max-autotune-no-cudagraphs (inductor tunes its GEMMs) | max-autotune (both)."""
     use_kernels: bool = False
     """Patch the transformer with fluxlab's Triton kernels (fluxlab.kernels.patch)."""
     attention_backend: str = "auto"
@@ -265,6 +269,8 @@ class TrainConfig:
         need(self.quantize in ("none", "nf4", "int8"), "quantize",
              f"choose none, nf4 or int8, got {self.quantize!r}")
         need(bool(self.target_modules), "target_modules", "list at least one module-name suffix")
+        need(self.compile_mode in COMPILE_MODES, "compile_mode",
+             f"choose one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}")
         # Measured on an H200 (torch 2.11): regional compile with fullgraph fails to trace the
         # Triton launchers, and inductor already fuses the same elementwise ops. One or the other.
         need(not (self.use_kernels and self.compile), "use_kernels",

@@ -130,6 +130,8 @@ class Trainer:
         grad_norm: 0-dim tensor or None (only when clipping is on or on logging steps)).
         """
         cfg, step, n = self.cfg, self.global_step, len(micro_batches)
+        if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()  # CUDA-graph modes: a new step, earlier outputs are done
         self.optimizer.zero_grad(set_to_none=True)
         loss_sum = torch.zeros((), device=self.device)
         for k, mb in enumerate(micro_batches):

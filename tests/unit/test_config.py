@@ -68,6 +68,7 @@ def test_bad_values_name_the_field(key, value):
     ({"lr_find_min": "2", "lr_find_max": "1"}, "lr_find_min"),
     ({"adapter": "dora"}, "adapter"),
     ({"lora_dropout": "1.0"}, "lora_dropout"),
+    ({"compile_mode": "max_autotune"}, "compile_mode"),
 ])
 def test_invalid_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=rf"^{field}:"):
