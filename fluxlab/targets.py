@@ -318,11 +318,24 @@ def _position_cached(cache, h, w, text_len, device, dtype):
     return cache.get(h, w, text_len, device, dtype)
 
 
-def _tiny_pipe():
+def use_model(name: str = "tiny") -> None:
+    """The pipeline the cache targets (text_embeddings, latents) encode with: `tiny` (on the CPU in
+    fp32, whatever the device) or a real-shape preset / FLUX folder, loaded without its transformer
+    on the target's device (`flux1-dev-full`: FLUX's VAE and T5-XXL at real scale)."""
+    if _STATE.get("model", "tiny") != name:
+        for key in [k for k in _STATE if k == "pipe" or k.startswith(("text_embeddings", "latents"))]:
+            del _STATE[key]
+        _STATE["model"] = name
+
+
+def _pipe(device, dtype):
     if "pipe" not in _STATE:
         from fluxlab import models
 
-        _STATE["pipe"] = models.load_pipeline("tiny", device="cpu", dtype=torch.float32)
+        name = _STATE.get("model", "tiny")
+        if name == "tiny":
+            device, dtype = "cpu", torch.float32
+        _STATE["pipe"] = models.load_pipeline(name, device=device, dtype=dtype, transformer=False)
     return _STATE["pipe"]
 
 
@@ -332,7 +345,7 @@ def _text_inputs(shape, device, dtype, seed):
     (max_len,) = shape
     key = f"text_embeddings:{max_len}"
     if key not in _STATE:
-        _STATE[key] = TextEmbeddingCache(tempfile.mkdtemp(prefix="fluxlab-text-"), _tiny_pipe(), max_len)
+        _STATE[key] = TextEmbeddingCache(tempfile.mkdtemp(prefix="fluxlab-text-"), _pipe(device, dtype), max_len)
     _STATE["text_embeddings"] = cache = _STATE[key]
     caption = f"a large red circle at the center, seed {seed}"
     cache.get(caption)  # warm
@@ -341,9 +354,9 @@ def _text_inputs(shape, device, dtype, seed):
 
 @torch.no_grad()
 def _text_uncached(cache, caption):
-    embeds, pooled, _ = cache.pipe.encode_prompt(caption, device=torch.device("cpu"),
-                                                 max_sequence_length=cache.max_sequence_length)
-    return embeds[0], pooled[0]  # [S, D], [D_pool]
+    device = next(cache.pipe.text_encoder_2.parameters()).device
+    embeds, pooled, _ = cache.pipe.encode_prompt(caption, device=device, max_sequence_length=cache.max_sequence_length)
+    return embeds[0].cpu(), pooled[0].cpu()  # [S, D], [D_pool], on the CPU as the cache serves them
 
 
 def _text_cached(cache, caption):
@@ -355,7 +368,7 @@ def _latent_inputs(shape, device, dtype, seed):
 
     h, w = shape  # pixels
     if "latents_cache" not in _STATE:
-        _STATE["latents_cache"] = LatentCache(tempfile.mkdtemp(prefix="fluxlab-latents-"), _tiny_pipe().vae)
+        _STATE["latents_cache"] = LatentCache(tempfile.mkdtemp(prefix="fluxlab-latents-"), _pipe(device, dtype).vae)
     _STATE["latents"] = cache = _STATE["latents_cache"]
     g = torch.Generator().manual_seed(seed)
     pixels = (2 * torch.rand(3, h, w, generator=g) - 1).float()  # [3, H, W] in [-1, 1]
@@ -422,9 +435,9 @@ def _builtin_targets() -> list[Target]:
                       "PositionIdCache vs FluxPipeline._prepare_latent_image_ids", "[latent_h, latent_w, text_len]",
                       ((64, 64, 512),)),
         _cache_target("text_embeddings", _text_inputs, _text_cached, _text_uncached,
-                      "TextEmbeddingCache vs encode_prompt (tiny pipeline)", "[max_sequence_length]", ((32,),)),
+                      "TextEmbeddingCache vs encode_prompt (targets.use_model: tiny by default)", "[max_sequence_length]", ((32,),)),
         _cache_target("latents", _latent_inputs, _latent_cached, _latent_uncached,
-                      "LatentCache vs VAE encode (tiny pipeline)", "[height, width] in pixels", ((64, 64),)),
+                      "LatentCache vs VAE encode (targets.use_model: tiny by default)", "[height, width] in pixels", ((64, 64),)),
         Target(name="compile", make_inputs=_compile_inputs, candidate=_compiled_block, baselines={"eager": _eager_block},
                kernels=(r"Torch-Compiled Region: \d+/\d+",), kind="compile",
                description="torch.compile of one FLUX single-stream block", shape_doc="[B, image tokens, text tokens]",
@@ -491,4 +504,5 @@ def preflight(target: Target, device: torch.device) -> dict:
     return {**info, **with_env}
 
 
-__all__ = ["Target", "TARGETS", "define", "get", "resolve", "resolve_device", "resolve_dtype", "preflight"]
+__all__ = ["Target", "TARGETS", "define", "get", "resolve", "resolve_device", "resolve_dtype", "preflight",
+           "use_model"]

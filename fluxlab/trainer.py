@@ -43,7 +43,7 @@ from fluxlab.training.objective import (VALIDATION_STREAM, draw_step_inputs, flo
                                         step_generator)
 from fluxlab.training.observe import TrainingDiverged, TrainingOOM, TrainResult
 from fluxlab.training.run import (EXIT_NONFINITE, EXIT_OOM, LR_FIND_MAX_FACTOR, LRFindResult,
-                                  cli_lr_find, cli_train, lr_find, suggest_lr)
+                                  cli_lr_find, cli_train, lr_find, step_source, suggest_lr)
 from fluxlab.training.signals import RunInterrupted
 from fluxlab.training.state import (LORA_FILE, RUN_MARKER, RUN_OUTPUTS, check_output_dir,
                                     claim_output_dir)
@@ -52,4 +52,4 @@ from fluxlab.training.trainer import Trainer
 __all__ = ["Trainer", "TrainResult", "TrainingOOM", "TrainingDiverged", "RunInterrupted", "LORA_FILE", "RUN_MARKER",
            "RUN_OUTPUTS", "check_output_dir", "claim_output_dir", "flow_matching_loss", "step_generator",
            "draw_step_inputs", "VALIDATION_STREAM", "lr_find", "suggest_lr", "LRFindResult", "LR_FIND_MAX_FACTOR",
-           "cli_train", "cli_lr_find", "EXIT_OOM", "EXIT_NONFINITE"]
+           "cli_train", "cli_lr_find", "EXIT_OOM", "EXIT_NONFINITE", "step_source"]

@@ -1,4 +1,4 @@
-"""`fluxlab bench train|infer|kernels|caches`: the benchmark scripts in benchmarks/."""
+"""`fluxlab bench train|infer|kernels|caches|pipeline`: the benchmark scripts in benchmarks/."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from fluxlab.commands import UserError
 
 
 def add(sub) -> None:
-    p = sub.add_parser("bench", help="GPU benchmarks (train step, inference, kernels)")
-    p.add_argument("what", choices=["train", "infer", "kernels", "caches"])
+    p = sub.add_parser("bench", help="GPU benchmarks (train step, inference, kernels, caches, the whole pipeline)")
+    p.add_argument("what", choices=["train", "infer", "kernels", "caches", "pipeline"])
     p.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the benchmark script")
     p.set_defaults(func=run)
 

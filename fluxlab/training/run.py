@@ -39,6 +39,40 @@ class LRFindResult:
     """Why the suggestion is weak (the sweep never diverged, or the loss never fell); None otherwise."""
 
 
+def step_source(config_path, overrides: dict[str, str], *, data: str = "", resolution: int, batch_size: int,
+                seed: int = 0):
+    """(trainer, one_step) for notebooks that measure training steps one by one.
+
+    With `data` (a dataset folder, or "shapes" for a synthetic one of `resolution`-pixel images),
+    the real path: images and captions through the VAE, the text encoders and the caches (the
+    encoders freed before the transformer loads), batches from the bucketed DataLoader. Without
+    it, random batches of the model's real input shapes (no encoders at all).
+    """
+    import tempfile
+
+    from fluxlab.data import make_shapes_dataset
+
+    work = tempfile.mkdtemp(prefix="fluxlab-steps-")
+    if data == "shapes":
+        data = str(make_shapes_dataset(Path(work) / "shapes", n=max(8, 4 * batch_size), seed=seed, size=resolution))
+    cfg = load_config(config_path, {**overrides, "seed": str(seed), "resolution": str(resolution),
+                                    "batch_size": str(batch_size), "output_dir": str(Path(work) / "run"),
+                                    "cache_dir": str(Path(work) / "cache"), "validation_every": "0",
+                                    "steps": str(10**6), "lr_warmup_steps": "0", "num_workers": "0",
+                                    "gradient_accumulation": "1",   # one micro-batch per measured step
+                                    "progress": "false", **({"data": data} if data else {})})
+    trainer = Trainer(cfg).setup(with_data=bool(data))
+    if data:
+        def one_step():
+            return trainer.step(trainer.batches.fetch(1)[0])
+    else:
+        batch = trainer.random_batch(batch_size=batch_size, resolution=resolution)
+
+        def one_step():
+            return trainer.step([batch])
+    return trainer, one_step
+
+
 def suggest_lr(lrs, smoothed, diverged_at: float | None, current_lr: float,
                max_factor: float = LR_FIND_MAX_FACTOR) -> tuple[float, float | None, str | None]:
     """(suggested lr, steepest-descent lr, warning) from a range test's smoothed loss curve.

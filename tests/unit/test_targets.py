@@ -96,3 +96,24 @@ def test_disable_names_are_validated_by_one_parser(monkeypatch):
     monkeypatch.setenv("FLUXLAB_DISABLE", "compiel")
     with pytest.raises(ValueError, match="compiel"):
         targets.TARGETS["compile"].disabled()
+
+
+def test_cache_targets_encode_with_the_model_they_are_given(home):
+    """use_model swaps the pipeline the cache targets encode with: a FLUX folder loads without its
+    transformer, the fast path still hits, and its output still equals the encoder's own."""
+    from fluxlab import models
+
+    folder = str(models.tiny_pipeline_path())
+    try:
+        targets.use_model(folder)
+        T = targets.get("text_embeddings")
+        cache, caption = T.inputs((16,), torch.device("cpu"), torch.float32, 0)
+        assert cache.pipe.transformer is None and cache.pipe.text_encoder_2 is not None
+        assert cache.max_sequence_length == 16 and targets._STATE["model"] == folder
+        assert T.check((16,), torch.device("cpu"), torch.float32, 0)["ok"]
+        m, _ = T.measure(T.inputs((16,), torch.device("cpu"), torch.float32, 0), repeats=3, warmup=1,
+                         device=torch.device("cpu"))
+        assert m.evidence["candidate"].ran
+    finally:
+        targets.use_model("tiny")
+    assert "pipe" not in targets._STATE and targets._STATE["model"] == "tiny"
