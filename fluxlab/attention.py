@@ -130,6 +130,24 @@ def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, backend: s
     return out
 
 
+def projections(attn, hidden_states, encoder_hidden_states=None):
+    """q, k, v [B, S, H*D] and the text stream's (or None), as diffusers' `_get_qkv_projections`
+    computes them; through the fused groups when `fluxlab.fusion.fuse_projections` added them."""
+    from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+    fused = getattr(attn, "fl_qkv", None)
+    if fused is None:
+        return _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+    q, k, v = fused(hidden_states)
+    eq = ek = ev = None
+    if encoder_hidden_states is not None and attn.added_kv_proj_dim is not None:
+        added = getattr(attn, "fl_added", None)
+        eq, ek, ev = (added(encoder_hidden_states) if added is not None else
+                      (attn.add_q_proj(encoder_hidden_states), attn.add_k_proj(encoder_hidden_states),
+                       attn.add_v_proj(encoder_hidden_states)))
+    return q, k, v, eq, ek, ev
+
+
 class FluxlabAttnProcessor:
     """FLUX attention through :func:`sdpa`.
 
@@ -160,11 +178,9 @@ class FluxlabAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None):
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
         if attention_mask is not None:
             raise NotImplementedError("FluxlabAttnProcessor does not take an attention mask")
-        q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q, k, v, eq, ek, ev = projections(attn, hidden_states, encoder_hidden_states)
         q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))       # [B, S_img, H, D]
         ctx = None
         if attn.added_kv_proj_dim is not None:

@@ -155,6 +155,9 @@ class TrainConfig:
     """Recompute block activations in backward: less memory, ~30% more time."""
     compile: bool = False
     """Regional torch.compile of every transformer block (fluxlab.models.compile_blocks, fullgraph)."""
+    fuse_projections: bool = False
+    """Fuse q/k/v (and add_q/k/v) into one base GEMM and one LoRA GEMM pair each (fluxlab.fusion);
+    lossless: the same math in another summation order."""
     compile_mode: str = "default"
     """torch.compile mode with compile=true: default | reduce-overhead (CUDA graphs) |
     max-autotune-no-cudagraphs (inductor tunes its GEMMs) | max-autotune (both)."""

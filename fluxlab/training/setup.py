@@ -17,7 +17,7 @@ from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fluxlab import attention, kernels, models, quant
+from fluxlab import attention, fusion, kernels, models, quant
 from fluxlab.config import ConfigError, TrainConfig
 
 
@@ -171,6 +171,8 @@ def add_adapter(tr, cfg: TrainConfig):
     # backward breaks inside FLUX training (see fluxlab/attention.py); this path carries the fix.
     attention.install(tr, cfg.attention_backend)
     report = kernels.patch(tr) if cfg.use_kernels else None  # after install: keeps the chosen backend
+    if cfg.fuse_projections:
+        fusion.fuse_projections(tr)  # after the adapter and before compile (the bases become views)
     if cfg.compile:
         # By position (kernels.patch renames block classes); static shapes: one graph per aspect bucket.
         models.compile_blocks(tr, fullgraph=True, dynamic=False, mode=cfg.compile_mode)

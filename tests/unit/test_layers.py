@@ -37,6 +37,7 @@ LAYER_OF = {
     "fluxlab.attention": "model",
     "fluxlab.kernels": "model",
     "fluxlab.quant": "model",
+    "fluxlab.fusion": "model",        # fused q/k/v projections (base + LoRA)
     "fluxlab.data": "pipeline",
     "fluxlab.datacheck": "pipeline",  # dataset validation (fluxlab.data re-exports it)
     "fluxlab.caches": "pipeline",
