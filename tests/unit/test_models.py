@@ -117,3 +117,27 @@ def test_tiny_transformer_loads_alone_as_in_the_pipeline(home):
     parts = models.load_pipeline("tiny", "cpu", torch.float32, transformer=False, encoders=False)
     assert (parts.transformer, parts.vae, parts.text_encoder, parts.text_encoder_2) == (None,) * 4
     assert parts.tokenizer is not None and parts.scheduler is not None
+
+
+def test_model_build_saves_a_loadable_pipeline_and_refuses_a_foreign_folder(home, tmp_path, monkeypatch, capsys):
+    """`fluxlab model build` writes with save_pretrained what `from_pretrained` loads back; a folder
+    that holds something else is refused in one line and left as it was. (The real-shape build is
+    swapped for the tiny pipeline here: 33 GB do not fit this machine.)"""
+    from diffusers import FluxPipeline
+
+    tiny = models.load_pipeline("tiny", "cpu", torch.float32)
+    calls = []
+    monkeypatch.setattr(models, "build_pipeline", lambda preset, device, dtype=None, seed=0: calls.append(preset) or tiny)
+    out = tmp_path / "full"
+    assert main(["model", "build", str(out), "--preset", "flux1-dev-full", "--device", "cpu"]) == 0
+    assert calls == ["flux1-dev-full"]
+    back = FluxPipeline.from_pretrained(out, local_files_only=True)
+    assert models.param_count(back.transformer) == models.param_count(tiny.transformer)
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["model", "build", str(foreign), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "not a pipeline folder" in err[0]
+    assert [p.name for p in foreign.iterdir()] == ["keep.txt"]
