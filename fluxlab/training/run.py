@@ -55,6 +55,9 @@ def step_source(config_path, overrides: dict[str, str], *, data: str = "", resol
     work = tempfile.mkdtemp(prefix="fluxlab-steps-")
     if data == "shapes":
         data = str(make_shapes_dataset(Path(work) / "shapes", n=max(8, 4 * batch_size), seed=seed, size=resolution))
+        # The synthetic captions run to ~50 tokens: room for them, so that none is truncated.
+        if load_config(config_path, overrides).max_sequence_length < 64:
+            overrides = {**overrides, "max_sequence_length": "64"}
     cfg = load_config(config_path, {**overrides, "seed": str(seed), "resolution": str(resolution),
                                     "batch_size": str(batch_size), "output_dir": str(Path(work) / "run"),
                                     "cache_dir": str(Path(work) / "cache"), "validation_every": "0",
