@@ -330,26 +330,29 @@ class TextEmbeddingCache(ContentCache):
             pipe = FluxPipeline(scheduler=None, vae=None, transformer=None, **parts)
         self.pipe = pipe
         self.max_sequence_length = int(max_sequence_length)
+        # FLUX.1: CLIP + T5 (both tokenizers and encoders); FLUX.2: one tokenizer and encoder.
+        parts = {k: getattr(pipe, k, None) for k in ("tokenizer", "tokenizer_2", "text_encoder", "text_encoder_2")}
         self.identity = _sha256_json({
-            "tokenizer": tokenizer_identity(pipe.tokenizer), "tokenizer_2": tokenizer_identity(pipe.tokenizer_2),
-            "text_encoder": module_identity(pipe.text_encoder),
-            "text_encoder_2": module_identity(pipe.text_encoder_2),
+            **{k: tokenizer_identity(v) if k.startswith("tokenizer") else module_identity(v)
+               for k, v in parts.items() if v is not None},
             "max_sequence_length": self.max_sequence_length})
 
-    def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds [S, D], pooled [D_pool]) on the CPU in the encoders' dtype."""
+    def get(self, caption: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prompt_embeds [S, D], pooled [D_pool] or None for FLUX.2) on the CPU in the encoders' dtype."""
         key = _sha256_json({"v": FORMAT_VERSION, "kind": self.kind, "caption": caption,
                             "encoders": self.identity})
         out = self._lookup(key, lambda: self._encode(caption), {"caption": caption})
-        return out["prompt_embeds"], out["pooled"]
+        return out["prompt_embeds"], out.get("pooled")
 
     @_no_grad_encode
     def _encode(self, caption: str) -> dict[str, torch.Tensor]:
         # On the encoders' own device (the GPU for a real-scale pipeline); _lookup keeps a CPU copy.
-        device = next(self.pipe.text_encoder_2.parameters()).device
-        embeds, pooled, _ = self.pipe.encode_prompt(caption, device=device,
-                                                    max_sequence_length=self.max_sequence_length)
-        return {"prompt_embeds": embeds[0], "pooled": pooled[0]}  # [S, D], [D_pool]
+        encoder = getattr(self.pipe, "text_encoder_2", None) or self.pipe.text_encoder
+        out = self.pipe.encode_prompt(caption, device=next(encoder.parameters()).device,
+                                      max_sequence_length=self.max_sequence_length)
+        if len(out) == 2:  # FLUX.2: (prompt_embeds, text_ids), no pooled embedding
+            return {"prompt_embeds": out[0][0]}                 # [S, D]
+        return {"prompt_embeds": out[0][0], "pooled": out[1][0]}  # [S, D], [D_pool]
 
 
 # --- position ids -------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlab.models import _corpus, _default_dtype, _save_atomic
+from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic
 
 # Hidden states the klein pipeline stacks (Flux2KleinPipeline's text_encoder_out_layers default).
 KLEIN_TEXT_LAYERS = (9, 18, 27)

@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from fluxlab.errors import UserError
+from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic  # noqa: F401  (also models.*)
 from fluxlab.env import default_device, default_dtype  # noqa: F401  (models.default_* stay importable)
 
 # FLUX's autoencoder latent layout: 16 channels, (x - shift) * scale before the transformer.
@@ -84,20 +81,15 @@ FLUX_T5 = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, v
 
 T5_MAX_LENGTH = 512
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+# FLUX.2 [klein]: one text encoder (Qwen3), its own VAE and transformer classes.
+FLUX2_KLEIN_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+FLUX2_PRESETS = ("tiny-flux2",)
 
 
 class ModelLayoutError(FileNotFoundError):
     """The path does not hold a diffusers FLUX pipeline layout."""
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 # --- transformers at real or tiny shape ------------------------------------------------------
@@ -140,11 +132,6 @@ def param_count(module: torch.nn.Module) -> int:
 
 
 # --- offline tokenizers -----------------------------------------------------------------------
-def _corpus() -> list[str]:
-    text = resources.files("fluxlab").joinpath("assets/tokenizer_corpus.txt").read_text("utf-8")
-    return [line for line in text.splitlines() if line.strip()]
-
-
 def full_corpus(lines: int = 200_000, seed: int = 0) -> list[str]:
     """The caption corpus plus seeded pseudo-words: enough distinct text for vocabularies of the
     real sizes (49408 BPE entries, 32128 unigram pieces), which the captions alone cannot fill."""
@@ -250,23 +237,6 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     return _save_atomic(pipe, path)
 
 
-def _save_atomic(pipe, path: Path) -> Path:
-    """save_pretrained beside the target, then rename: an interrupted build never leaves a half
-    pipeline. An earlier pipeline folder at `path` is replaced; anything else there is refused."""
-    if path.exists() and any(path.iterdir()) and not (path / "model_index.json").exists():
-        raise UserError(f"{path}: exists and is not a pipeline folder; choose an empty or new folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def tiny_pipeline_path(seed: int = 0) -> Path:
     """Where the tiny preset lives: built once, then always loaded from disk."""
     home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
@@ -274,6 +244,23 @@ def tiny_pipeline_path(seed: int = 0) -> Path:
     if not (path / "model_index.json").exists():
         build_tiny_pipeline(path, seed=seed)
     return path
+
+
+def family_of(path_or_preset: str | os.PathLike) -> str:
+    """"flux2-klein" for the tiny FLUX.2 preset or a Flux2KleinPipeline folder, else "flux1"."""
+    name = str(path_or_preset)
+    if name in FLUX2_PRESETS:
+        return "flux2-klein"
+    index = Path(name) / "model_index.json"
+    try:
+        cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    except (OSError, json.JSONDecodeError):
+        cls = ""
+    return "flux2-klein" if cls == "Flux2KleinPipeline" else "flux1"
+
+
+def family_of_pipeline(pipe) -> str:
+    return "flux2-klein" if type(pipe).__name__ == "Flux2KleinPipeline" else "flux1"
 
 
 def check_flux_layout(path: str | os.PathLike) -> Path:
@@ -292,10 +279,11 @@ def check_flux_layout(path: str | os.PathLike) -> Path:
         raise ModelLayoutError(f"{index}: not valid JSON ({e}); re-download or rebuild the pipeline.") from e
     if "Flux" not in cls:
         raise ModelLayoutError(f"{index}: pipeline class is {cls!r}, not a FLUX pipeline.")
-    missing = [p for p in PIPELINE_PARTS if not (path / p).is_dir()]
+    parts = FLUX2_KLEIN_PARTS if cls == "Flux2KleinPipeline" else PIPELINE_PARTS
+    missing = [p for p in parts if not (path / p).is_dir()]
     if missing:
         raise ModelLayoutError(f"{path}: missing component folder(s) {', '.join(missing)}; "
-                               f"a FLUX pipeline needs {', '.join(PIPELINE_PARTS)}.")
+                               f"a {cls} needs {', '.join(parts)}.")
     return path
 
 
@@ -340,11 +328,27 @@ def load_pipeline(path_or_preset: str | os.PathLike = "tiny", device: str | torc
     name = str(path_or_preset)
     if name in REAL_PRESETS:
         return build_pipeline(name, device, dtype, seed=seed, transformer=transformer, encoders=encoders)
-    path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
-    skip = {k: None for k, keep in (("transformer", transformer), ("vae", encoders), ("text_encoder", encoders),
-                                    ("text_encoder_2", encoders)) if not keep}
-    pipe = FluxPipeline.from_pretrained(path, dtype=dtype, local_files_only=True, **skip)
+    path = _pipeline_path(name, seed)
+    flux2 = family_of(path) == "flux2-klein"
+    encoder_parts = ("vae", "text_encoder") if flux2 else ("vae", "text_encoder", "text_encoder_2")
+    skip = {k: None for k, keep in (("transformer", transformer), *((e, encoders) for e in encoder_parts)) if not keep}
+    if flux2:
+        from diffusers import Flux2KleinPipeline as cls
+    else:
+        cls = FluxPipeline
+    pipe = cls.from_pretrained(path, dtype=dtype, local_files_only=True, **skip)
     return pipe.to(device)
+
+
+def _pipeline_path(name: str, seed: int) -> Path:
+    """The folder behind a model name: a tiny preset (built once) or a checked pipeline folder."""
+    if name == "tiny":
+        return tiny_pipeline_path(seed)
+    if name == "tiny-flux2":
+        from fluxlab import flux2
+
+        return flux2.tiny_flux2_pipeline_path(seed)
+    return check_flux_layout(name)
 
 
 def load_transformer(path_or_preset: str | os.PathLike = "tiny", device: str | torch.device | None = None,
@@ -358,8 +362,12 @@ def load_transformer(path_or_preset: str | os.PathLike = "tiny", device: str | t
     name = str(path_or_preset)
     if name in REAL_PRESETS:
         return build_transformer(name, device, dtype, seed=seed)
-    path = tiny_pipeline_path(seed) if name == "tiny" else check_flux_layout(name)
-    tr = FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", dtype=dtype, local_files_only=True)
+    path = _pipeline_path(name, seed)
+    if family_of(path) == "flux2-klein":
+        from diffusers import Flux2Transformer2DModel as cls
+    else:
+        cls = FluxTransformer2DModel
+    tr = cls.from_pretrained(path, subfolder="transformer", dtype=dtype, local_files_only=True)
     return tr.to(device).eval()
 
 

@@ -102,8 +102,10 @@ def encode_item(ds: ImageCaptionDataset, i: int, text_cache: TextEmbeddingCache,
     """Item `i` through the content-addressed caches: its text embeddings and, with a latent
     cache, its VAE latent distribution (pixels are decoded only on a miss)."""
     rec_path, caption = ds.records[i]
-    embeds, pooled = text_cache.get(caption)                        # [S, D], [Dp]
-    item = {"index": i, "prompt_embeds": embeds.float(), "pooled": pooled.float()}
+    embeds, pooled = text_cache.get(caption)                        # [S, D], [Dp] (FLUX.2: no pooled)
+    item = {"index": i, "prompt_embeds": embeds.float()}
+    if pooled is not None:
+        item["pooled"] = pooled.float()
     if latent_cache is not None:
         pre = latent_preprocess(ds.bucket_of(i), center_crop, False)
         sha = hashlib.sha256(Path(rec_path).read_bytes()).hexdigest()

@@ -64,6 +64,50 @@ def flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.
     return per_item.mean()
 
 
+def flux2_flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, noise: torch.Tensor,
+                             u: torch.Tensor, scheduler, *, guidance_scale: float = 3.5,
+                             weighting_scheme: str = "none") -> torch.Tensor:
+    """Rectified-flow loss of one FLUX.2 batch, as train_dreambooth_lora_flux2_klein.py computes it.
+
+    latents: x0 = (patchify(vae mode) - bn_mean) / bn_std   [B, 4C, h/2, w/2]   (h = H/8)
+    prompt_embeds: the text encoder's stacked hidden states  [B, S, D]
+    noise, u, scheduler: as in `flow_matching_loss`; the timestep index is clamped the same way.
+    """
+    from diffusers import Flux2KleinPipeline
+
+    B = latents.shape[0]
+    n_train = scheduler.config.num_train_timesteps
+    indices = (u.cpu() * n_train).long().clamp_(0, n_train - 1)            # [B]
+    timesteps = scheduler.timesteps[indices].to(latents.device)            # [B]
+    sigmas = scheduler.sigmas[indices].to(latents.device, latents.dtype).view(B, 1, 1, 1)  # [B, 1, 1, 1]
+    noisy = (1.0 - sigmas) * latents + sigmas * noise                      # [B, 4C, h/2, w/2]
+    packed = Flux2KleinPipeline._pack_latents(noisy)                       # [B, h/2 * w/2, 4C]
+    img_ids = Flux2KleinPipeline._prepare_latent_ids(latents).to(latents.device)       # [B, h/2 * w/2, 4]
+    txt_ids = Flux2KleinPipeline._prepare_text_ids(prompt_embeds).to(latents.device)   # [B, S, 4]
+
+    module = getattr(transformer, "module", transformer)
+    guidance = None
+    if module.config.guidance_embeds:
+        guidance = torch.tensor([guidance_scale], device=latents.device).expand(B)  # [B]
+    pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                       encoder_hidden_states=prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
+                       return_dict=False)[0][:, : packed.shape[1]]                 # [B, h/2 * w/2, 4C]
+    pred = Flux2KleinPipeline._unpack_latents_with_ids(pred, img_ids)              # [B, 4C, h/2, w/2]
+    weighting = compute_loss_weighting_for_sd3(weighting_scheme=weighting_scheme, sigmas=sigmas)
+    target = noise - latents
+    per_item = torch.mean((weighting.float() * (pred.float() - target.float()) ** 2).reshape(B, -1), 1)  # [B]
+    return per_item.mean()
+
+
+def flux2_latents(mean: torch.Tensor, bn_mean: torch.Tensor, bn_std: torch.Tensor) -> torch.Tensor:
+    """x0 of FLUX.2: the VAE's mode (its mean), patchified 2x2 and normalised by the VAE's latent
+    batch-norm statistics. mean [B, C, h, w] -> [B, 4C, h/2, w/2]; bn_* [4C]."""
+    from diffusers import Flux2KleinPipeline
+
+    x = Flux2KleinPipeline._patchify_latents(mean.float())
+    return (x - bn_mean.view(1, -1, 1, 1)) / bn_std.view(1, -1, 1, 1)
+
+
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
     """The CPU generator behind every random draw of (step, micro-batch, rank)."""
     state = np.random.SeedSequence([seed, step, micro, rank]).generate_state(2, dtype=np.uint32)
@@ -86,10 +130,11 @@ def draw_step_inputs(mean: torch.Tensor, logvar: torch.Tensor, generator: torch.
 
 
 def micro_inputs(mb: dict, g: torch.Generator, cfg: TrainConfig, latent_cache, shift: float, scale: float,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, bn: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Move one micro-batch to the device and draw its (x0, noise, u); returns
     (x0, noise, u, prompt_embeds, pooled). A micro-batch of pixels (per-epoch augmentation) is
-    encoded now through `latent_cache`."""
+    encoded now through `latent_cache`. With `bn` (FLUX.2: the VAE's latent batch-norm mean and
+    std) x0 is `flux2_latents` of the VAE mode, nothing is sampled for it, and pooled is None."""
     if "mean" not in mb:
         means, logvars = [], []
         for pix, sha in zip(mb["pixels"], mb["image_sha256"]):
@@ -98,9 +143,18 @@ def micro_inputs(mb: dict, g: torch.Generator, cfg: TrainConfig, latent_cache, s
             means.append(m)
             logvars.append(lv)
         mb = {**mb, "mean": torch.stack(means), "logvar": torch.stack(logvars)}
-    x0, noise, u = draw_step_inputs(mb["mean"], mb["logvar"], g, cfg, shift, scale)
+    if bn is not None:
+        x0 = flux2_latents(mb["mean"], *bn)                                  # [B, 4C, h/2, w/2]
+        noise = torch.randn(x0.shape, generator=g, dtype=torch.float32)
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme=cfg.timestep_sampling, batch_size=x0.shape[0], logit_mean=cfg.logit_mean,
+            logit_std=cfg.logit_std, mode_scale=cfg.mode_scale, device="cpu", generator=g)  # [B]
+        pooled = None
+    else:
+        x0, noise, u = draw_step_inputs(mb["mean"], mb["logvar"], g, cfg, shift, scale)
+        pooled = mb["pooled"].to(device, dtype, non_blocking=True)
     return (x0.to(device, dtype, non_blocking=True), noise.to(device, dtype, non_blocking=True), u,
-            mb["prompt_embeds"].to(device, dtype, non_blocking=True), mb["pooled"].to(device, dtype, non_blocking=True))
+            mb["prompt_embeds"].to(device, dtype, non_blocking=True), pooled)
 
 
 def random_batch(config, cfg: TrainConfig, vae_scale_factor: int, device, batch_size: int = 1,

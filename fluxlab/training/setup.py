@@ -132,7 +132,8 @@ def release_encoders(pipe, device: torch.device) -> dict[str, float]:
 
     before = allocated()
     for name in ("vae", "text_encoder", "text_encoder_2"):
-        setattr(pipe, name, None)
+        if getattr(pipe, name, None) is not None:  # FLUX.2 has no text_encoder_2
+            setattr(pipe, name, None)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -140,10 +141,25 @@ def release_encoders(pipe, device: torch.device) -> dict[str, float]:
     return {"with_encoders_gib": before, "after_release_gib": after, "freed_gib": before - after}
 
 
+def latent_bn(pipe) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """FLUX.2 normalises patchified latents by its VAE's batch-norm statistics: (mean, std) [4C] on
+    the CPU; None for FLUX.1 (shift and scale instead). Without a VAE (random benchmark batches)
+    the identity."""
+    if models.family_of_pipeline(pipe) != "flux2-klein":
+        return None
+    vae = pipe.vae
+    if vae is None:
+        return torch.zeros(128), torch.ones(128)  # FLUX.2's 32 latent channels, patchified 2x2
+    std = torch.sqrt(vae.bn.running_var.float() + vae.config.batch_norm_eps)
+    return vae.bn.running_mean.float().cpu(), std.cpu()
+
+
 def vae_constants(vae) -> tuple[float, float, int]:
     """(shift, scale, spatial factor) of the VAE latents; FLUX's when the pipeline has no VAE."""
     if vae is None:
         return models.FLUX_VAE_SHIFT, models.FLUX_VAE_SCALE, 8
+    if getattr(vae.config, "shift_factor", None) is None:  # FLUX.2's VAE: batch-norm statistics instead
+        return 0.0, 1.0, 2 ** (len(vae.config.block_out_channels) - 1)
     return (float(vae.config.shift_factor), float(vae.config.scaling_factor),
             2 ** (len(vae.config.block_out_channels) - 1))
 

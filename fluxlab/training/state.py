@@ -296,7 +296,10 @@ def save_adapter(transformer, adapter: str, out: Path) -> Path:
     # and the LoRA loads at the wrong strength whenever lora_alpha != rank.
     metadata = _collate_lora_metadata({"transformer": transformer})
     with tempfile.TemporaryDirectory(dir=out, prefix=".lora-") as tmp:
-        FluxPipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True, **metadata)
+        pipeline = FluxPipeline
+        if type(transformer).__name__ == "Flux2Transformer2DModel":  # FLUX.2: its own LoRA loader mixin
+            from diffusers import Flux2KleinPipeline as pipeline
+        pipeline.save_lora_weights(tmp, transformer_lora_layers=state, safe_serialization=True, **metadata)
         # Through the atomic writer: durable, and the usual file mode (safetensors writes 0600).
         atomic_write_bytes(out / LORA_FILE, (Path(tmp) / LORA_FILE).read_bytes())
     return out / LORA_FILE

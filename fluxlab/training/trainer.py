@@ -35,6 +35,7 @@ class Trainer:
         self.transformer = self.model = None   # model: the transformer, or DDP around it
         self.scheduler = self.optimizer = self.lr_scheduler = None
         self.vae_shift, self.vae_scale, self.vae_scale_factor = 0.0, 1.0, 8
+        self.bn: tuple[torch.Tensor, torch.Tensor] | None = None  # FLUX.2: latent batch-norm mean, std [4C]
         self.positions = PositionIdCache()     # img_ids / txt_ids per bucket (LRU)
         self.data: loader.TrainData | None = None  # None after setup(with_data=False)
         self.batches: loader.Batches | None = None  # the training batches and where they stand
@@ -77,6 +78,7 @@ class Trainer:
             # set_timesteps'd table in its scheduler, which the loss must not index.
             self.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
             self.vae_shift, self.vae_scale, self.vae_scale_factor = build.vae_constants(pipe.vae)
+            self.bn = build.latent_bn(pipe)
             if with_data:
                 self.data = loader.build_data(cfg, dataset, pipe, self.rank, self.world, self.device)
                 self.batches, self.cache_stats = self.data.batches, self.data.cache_stats
@@ -115,7 +117,12 @@ class Trainer:
         """The flow-matching loss of one micro-batch under autocast; `g` draws its x0, noise and t."""
         latent_cache = self.data.latent_cache if self.data else None
         x0, noise, u, embeds, pooled = objective.micro_inputs(mb, g, self.cfg, latent_cache, self.vae_shift,
-                                                              self.vae_scale, self.device, self.dtype)
+                                                              self.vae_scale, self.device, self.dtype, bn=self.bn)
+        if self.bn is not None:  # FLUX.2: its own packing, 4-axis position ids, no pooled embedding
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
+                return objective.flux2_flow_matching_loss(
+                    model, x0, embeds, noise, u, self.scheduler, guidance_scale=self.cfg.guidance_scale,
+                    weighting_scheme=self.cfg.timestep_sampling)
         img_ids, txt_ids = self.positions.get(x0.shape[2], x0.shape[3], embeds.shape[1], self.device, self.dtype)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             return objective.flow_matching_loss(

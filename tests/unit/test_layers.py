@@ -38,6 +38,8 @@ LAYER_OF = {
     "fluxlab.kernels": "model",
     "fluxlab.quant": "model",
     "fluxlab.fusion": "model",        # fused q/k/v projections (base + LoRA)
+    "fluxlab.flux2": "model",         # the tiny FLUX.2 [klein] pipeline
+    "fluxlab._pipeline_io": "model",  # dtype context, caption corpus, atomic pipeline save
     "fluxlab.data": "pipeline",
     "fluxlab.datacheck": "pipeline",  # dataset validation (fluxlab.data re-exports it)
     "fluxlab.caches": "pipeline",
