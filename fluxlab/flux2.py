@@ -146,6 +146,44 @@ def build_tiny_flux2_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
     return _save_atomic(pipe, Path(path))
 
 
+# --- real-shape transformers (random weights, built on the device) -------------------------------
+# Shapes as published for the FLUX.2 releases; diffusers' Flux2Transformer2DModel defaults are
+# FLUX.2 [dev]'s. Parameter counts (meta device): klein-4B 3.88 B, klein-9B 9.08 B, dev 32.2 B.
+# The context width is three stacked hidden states of the text encoder (Qwen3-4B: 2560, Qwen3-8B:
+# 4096, Mistral-3 24B: 5120). klein has no guidance embedding; dev has one.
+FLUX2_PRESETS = {
+    "flux2-klein-4b": dict(num_layers=5, num_single_layers=20, num_attention_heads=24, joint_attention_dim=7680,
+                           guidance_embeds=False),
+    "flux2-klein-9b": dict(num_layers=8, num_single_layers=24, num_attention_heads=32, joint_attention_dim=12288,
+                           guidance_embeds=False),
+    "flux2-dev": dict(num_layers=8, num_single_layers=48, num_attention_heads=48, joint_attention_dim=15360,
+                      guidance_embeds=True),
+}
+
+
+def build_flux2_transformer(preset: str, device, dtype: torch.dtype, seed: int = 0):
+    """A Flux2Transformer2DModel of a real FLUX.2 shape with seeded random weights, created directly
+    on `device` in `dtype` (a 32 B model never touches host memory)."""
+    from diffusers import Flux2Transformer2DModel
+
+    if preset not in FLUX2_PRESETS:
+        raise ValueError(f"unknown FLUX.2 preset {preset!r}; choose one of {sorted(FLUX2_PRESETS)}")
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):
+        return Flux2Transformer2DModel(**FLUX2_PRESETS[preset]).eval()
+
+
+def preset_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0, *, transformer: bool = True):
+    """A FLUX.2 pipeline object around a real-shape transformer (or none): the scheduler and the
+    family for the trainer's random-batch benchmarks. Real-shape text encoders and VAE are not
+    built: train on a FLUX.2 folder for the whole pipeline."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
+
+    tr = build_flux2_transformer(preset, device, dtype, seed) if transformer else None
+    return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), vae=None,
+                              text_encoder=None, tokenizer=None, transformer=tr)
+
+
 def tiny_flux2_pipeline_path(seed: int = 0) -> Path:
     """Where the tiny FLUX.2 [klein] pipeline lives: built once, then always loaded from disk."""
     home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))

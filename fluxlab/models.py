@@ -17,7 +17,9 @@ from pathlib import Path
 
 import torch
 
+from fluxlab import flux2
 from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic  # noqa: F401  (also models.*)
+from fluxlab.errors import UserError
 from fluxlab.env import default_device, default_dtype  # noqa: F401  (models.default_* stay importable)
 
 # FLUX's autoencoder latent layout: 16 channels, (x - shift) * scale before the transformer.
@@ -83,7 +85,7 @@ T5_MAX_LENGTH = 512
 PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 # FLUX.2 [klein]: one text encoder (Qwen3), its own VAE and transformer classes.
 FLUX2_KLEIN_PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-FLUX2_PRESETS = ("tiny-flux2",)
+FLUX2_NAMES = ("tiny-flux2", *flux2.FLUX2_PRESETS)
 
 
 class ModelLayoutError(FileNotFoundError):
@@ -247,20 +249,20 @@ def tiny_pipeline_path(seed: int = 0) -> Path:
 
 
 def family_of(path_or_preset: str | os.PathLike) -> str:
-    """"flux2-klein" for the tiny FLUX.2 preset or a Flux2KleinPipeline folder, else "flux1"."""
+    """"flux2" for a FLUX.2 preset or a Flux2KleinPipeline folder, else "flux1"."""
     name = str(path_or_preset)
-    if name in FLUX2_PRESETS:
-        return "flux2-klein"
+    if name in FLUX2_NAMES:
+        return "flux2"
     index = Path(name) / "model_index.json"
     try:
         cls = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
     except (OSError, json.JSONDecodeError):
         cls = ""
-    return "flux2-klein" if cls == "Flux2KleinPipeline" else "flux1"
+    return "flux2" if cls == "Flux2KleinPipeline" else "flux1"
 
 
 def family_of_pipeline(pipe) -> str:
-    return "flux2-klein" if type(pipe).__name__ == "Flux2KleinPipeline" else "flux1"
+    return "flux2" if type(pipe).__name__ == "Flux2KleinPipeline" else "flux1"
 
 
 def check_flux_layout(path: str | os.PathLike) -> Path:
@@ -328,11 +330,16 @@ def load_pipeline(path_or_preset: str | os.PathLike = "tiny", device: str | torc
     name = str(path_or_preset)
     if name in REAL_PRESETS:
         return build_pipeline(name, device, dtype, seed=seed, transformer=transformer, encoders=encoders)
+    if name in flux2.FLUX2_PRESETS:
+        if encoders:
+            raise UserError(f"model {name}: the real-shape FLUX.2 presets build the transformer alone (random "
+                            f"batches); to train on images, pass a Flux2KleinPipeline folder or tiny-flux2")
+        return flux2.preset_pipeline(name, device, dtype, seed, transformer=transformer)
     path = _pipeline_path(name, seed)
-    flux2 = family_of(path) == "flux2-klein"
-    encoder_parts = ("vae", "text_encoder") if flux2 else ("vae", "text_encoder", "text_encoder_2")
+    is_flux2 = family_of(path) == "flux2"
+    encoder_parts = ("vae", "text_encoder") if is_flux2 else ("vae", "text_encoder", "text_encoder_2")
     skip = {k: None for k, keep in (("transformer", transformer), *((e, encoders) for e in encoder_parts)) if not keep}
-    if flux2:
+    if is_flux2:
         from diffusers import Flux2KleinPipeline as cls
     else:
         cls = FluxPipeline
@@ -345,8 +352,6 @@ def _pipeline_path(name: str, seed: int) -> Path:
     if name == "tiny":
         return tiny_pipeline_path(seed)
     if name == "tiny-flux2":
-        from fluxlab import flux2
-
         return flux2.tiny_flux2_pipeline_path(seed)
     return check_flux_layout(name)
 
@@ -362,8 +367,10 @@ def load_transformer(path_or_preset: str | os.PathLike = "tiny", device: str | t
     name = str(path_or_preset)
     if name in REAL_PRESETS:
         return build_transformer(name, device, dtype, seed=seed)
+    if name in flux2.FLUX2_PRESETS:
+        return flux2.build_flux2_transformer(name, device, dtype, seed)
     path = _pipeline_path(name, seed)
-    if family_of(path) == "flux2-klein":
+    if family_of(path) == "flux2":
         from diffusers import Flux2Transformer2DModel as cls
     else:
         cls = FluxTransformer2DModel

@@ -164,10 +164,12 @@ def random_batch(config, cfg: TrainConfig, vae_scale_factor: int, device, batch_
     h = w = resolution // vae_scale_factor
     S = seq_len or cfg.max_sequence_length
     g = torch.Generator("cpu").manual_seed(cfg.seed)
-    return {"mean": torch.randn(batch_size, config.in_channels // 4, h, w, generator=g).to(device),
-            "logvar": torch.full((batch_size, config.in_channels // 4, h, w), -4.0).to(device),
-            "prompt_embeds": torch.randn(batch_size, S, config.joint_attention_dim, generator=g).to(device),
-            "pooled": torch.randn(batch_size, config.pooled_projection_dim, generator=g).to(device)}
+    batch = {"mean": torch.randn(batch_size, config.in_channels // 4, h, w, generator=g).to(device),
+             "logvar": torch.full((batch_size, config.in_channels // 4, h, w), -4.0).to(device),
+             "prompt_embeds": torch.randn(batch_size, S, config.joint_attention_dim, generator=g).to(device)}
+    if "pooled_projection_dim" in config:  # FLUX.1 (FLUX.2 has no pooled embedding)
+        batch["pooled"] = torch.randn(batch_size, config.pooled_projection_dim, generator=g).to(device)
+    return batch
 
 
 @torch.no_grad()

@@ -145,7 +145,7 @@ def latent_bn(pipe) -> tuple[torch.Tensor, torch.Tensor] | None:
     """FLUX.2 normalises patchified latents by its VAE's batch-norm statistics: (mean, std) [4C] on
     the CPU; None for FLUX.1 (shift and scale instead). Without a VAE (random benchmark batches)
     the identity."""
-    if models.family_of_pipeline(pipe) != "flux2-klein":
+    if models.family_of_pipeline(pipe) != "flux2":
         return None
     vae = pipe.vae
     if vae is None:

@@ -86,13 +86,14 @@ def test_flux2_loss_matches_an_independent_recomputation(klein, shapes, tmp_path
 
 @pytest.fixture(scope="module")
 def cli_run(shapes, home, tmp_path_factory):
-    """`fluxlab train configs/tiny-flux2.yaml` through the CLI, as shipped (data and output moved)."""
+    """`fluxlab train configs/tiny-flux2.yaml` through the CLI, as shipped (data and output moved; alpha
+    16 at rank 8, so the LoRA's scale is 2)."""
     from fluxlab.cli import main
 
     out = tmp_path_factory.mktemp("flux2_run")
     rc = main(["train", str(ROOT / "configs" / "tiny-flux2.yaml"), "--set", f"data={shapes}",
                "--set", f"output_dir={out}", "--set", "progress=false", "--set", "validation_size=2",
-               "--set", "log_every=5", "--set", "max_sequence_length=64"])
+               "--set", "log_every=5", "--set", "max_sequence_length=64", "--set", "lora_alpha=16"])
     assert rc == 0
     return out
 
@@ -110,8 +111,8 @@ def test_shipped_flux2_config_trains_and_its_loss_falls(cli_run):
 
 
 def test_stock_flux2_load_lora_weights_reproduces_the_trained_transformer(cli_run, klein, home):
-    """The saved LoRA (rank 8, alpha = rank: scale 1) loads into a fresh stock Flux2KleinPipeline and
-    gives the trained transformer's output; a missing or mis-scaled load could not."""
+    """The saved LoRA (rank 8, alpha 16: scale 2, not the rank's 1) loads into a fresh stock
+    Flux2KleinPipeline and gives the trained transformer's output; a missing or mis-scaled load could not."""
     from diffusers import Flux2KleinPipeline
     from safetensors.torch import load_file
 
@@ -134,12 +135,12 @@ def test_stock_flux2_load_lora_weights_reproduces_the_trained_transformer(cli_ru
     assert lora and all(k.startswith("transformer.") for k in lora)
     scales = {m.scaling["default_0"] for m in stock.transformer.modules()
               if "default_0" in getattr(m, "scaling", {})}
-    assert scales == {1.0}, scales
+    assert scales == {2.0}, scales  # read from the file's metadata, not guessed from the rank
     with torch.no_grad():
         for name, mod in ours.named_modules():
             a, b = lora.get(f"transformer.{name}.lora_A.weight"), lora.get(f"transformer.{name}.lora_B.weight")
             if a is not None:
-                mod.weight += b @ a                                                  # scale alpha / r = 1
+                mod.weight += 2.0 * b @ a                                            # scale alpha / r = 2
         want = ours(**inputs)[0]
         got = stock.transformer(**inputs)[0]
     assert (want - base).abs().max() > 1e-4
@@ -163,3 +164,37 @@ def test_flux2_resume_is_bitwise(shapes, tmp_path, home):
     resumed, d_res = run(tmp_path / "b", 4, resume="latest")
     assert resumed.start_step == 2 and resumed.steps_done == 4
     assert d_res == d_full
+
+
+@pytest.mark.parametrize("preset,expected", [("flux2-klein-4b", 3.88e9), ("flux2-klein-9b", 9.08e9),
+                                             ("flux2-dev", 32.2e9)])
+def test_real_flux2_presets_have_their_parameter_counts(preset, expected):
+    from fluxlab import models
+
+    tr = models.load_transformer(preset, device="meta", dtype=torch.bfloat16)
+    n = models.param_count(tr)
+    assert abs(n - expected) / expected < 0.01, n
+    assert type(tr).__name__ == "Flux2Transformer2DModel" and models.family_of(preset) == "flux2"
+    pipe = models.load_pipeline(preset, device="meta", dtype=torch.bfloat16, transformer=False, encoders=False)
+    assert pipe.transformer is None and pipe.scheduler.config.use_dynamic_shifting
+
+
+def test_a_real_flux2_preset_with_data_is_refused_in_one_line(shapes, tmp_path, capsys):
+    from fluxlab.cli import main
+
+    rc = main(["train", str(ROOT / "configs" / "tiny-flux2.yaml"), "--set", f"data={shapes}", "--set",
+               f"output_dir={tmp_path / 'run'}", "--set", "model=flux2-klein-4b", "--set", "device=cpu"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "flux2-klein-4b" in err[0] and "tiny-flux2" in err[0]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_flux2_steps_on_random_batches_without_data(home, tmp_path):
+    """The benchmark path (no dataset, no encoders): random batches of the model's real input shapes."""
+    cfg = load_config(ROOT / "configs" / "tiny-flux2.yaml", {"output_dir": str(tmp_path), "device": "cpu",
+                                                            "progress": "false", "rank": "4"})
+    t = Trainer(cfg).setup(with_data=False)
+    batch = t.random_batch(batch_size=2, resolution=64, seq_len=16)
+    assert "pooled" not in batch and batch["mean"].shape == (2, 32, 8, 8)
+    losses = [t.step([batch])["loss"].item() for _ in range(3)]
+    assert all(np.isfinite(losses)) and losses[-1] != losses[0]
