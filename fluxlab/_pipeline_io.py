@@ -1,5 +1,6 @@
 """What building and saving pipelines needs, for fluxlab.models (FLUX.1) and fluxlab.flux2
-(FLUX.2): the default-dtype context, the shipped caption corpus, and the atomic save."""
+(FLUX.2): the default-dtype context, the shipped caption corpus, the atomic save, and the
+built-once home of the tiny pipelines."""
 
 from __future__ import annotations
 
@@ -44,4 +45,13 @@ def _save_atomic(pipe, path: Path) -> Path:
         os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def built_once(name: str, build) -> Path:
+    """$FLUXLAB_HOME/<name> (default ~/.cache/fluxlab): built by `build(path)` the first time, then
+    always loaded from disk, as a user's downloaded pipeline is."""
+    path = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab")) / name
+    if not (path / "model_index.json").exists():
+        build(path)
     return path

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic
+from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic, built_once
 
 # Hidden states the klein pipeline stacks (Flux2KleinPipeline's text_encoder_out_layers default).
 KLEIN_TEXT_LAYERS = (9, 18, 27)
@@ -186,11 +186,7 @@ def preset_pipeline(preset: str, device, dtype: torch.dtype, seed: int = 0, *, t
 
 def tiny_flux2_pipeline_path(seed: int = 0) -> Path:
     """Where the tiny FLUX.2 [klein] pipeline lives: built once, then always loaded from disk."""
-    home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
-    path = home / f"tiny-flux2-klein-seed{seed}"
-    if not (path / "model_index.json").exists():
-        build_tiny_flux2_pipeline(path, seed=seed)
-    return path
+    return built_once(f"tiny-flux2-klein-seed{seed}", lambda path: build_tiny_flux2_pipeline(path, seed=seed))
 
 
 if __name__ == "__main__":  # python -m fluxlab.flux2 retrain-tokenizer

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from fluxlab import flux2
-from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic  # noqa: F401  (also models.*)
+from fluxlab._pipeline_io import _corpus, _default_dtype, _save_atomic, built_once  # noqa: F401  (also models.*)
 from fluxlab.errors import UserError
 from fluxlab.env import default_device, default_dtype  # noqa: F401  (models.default_* stay importable)
 
@@ -241,11 +241,7 @@ def build_tiny_pipeline(path: str | os.PathLike, seed: int = 0) -> Path:
 
 def tiny_pipeline_path(seed: int = 0) -> Path:
     """Where the tiny preset lives: built once, then always loaded from disk."""
-    home = Path(os.environ.get("FLUXLAB_HOME", Path.home() / ".cache" / "fluxlab"))
-    path = home / f"tiny-seed{seed}"
-    if not (path / "model_index.json").exists():
-        build_tiny_pipeline(path, seed=seed)
-    return path
+    return built_once(f"tiny-seed{seed}", lambda path: build_tiny_pipeline(path, seed=seed))
 
 
 def family_of(path_or_preset: str | os.PathLike) -> str:
