@@ -106,6 +106,9 @@ def load_transformer(cfg: TrainConfig, pipe, device: torch.device, dtype: torch.
 
 def quantized_transformer(cfg: TrainConfig, device: torch.device, dtype: torch.dtype):
     """QLoRA base: the transformer in NF4 / int8 with diffusers' BitsAndBytesConfig settings."""
+    if models.family_of(cfg.model) == "flux2":
+        raise ConfigError(f"quantize: {cfg.quantize} base weights are FLUX.1-only for now; set quantize=none "
+                          f"for {cfg.model}")
     try:
         import bitsandbytes  # noqa: F401  (an availability check)
     except ImportError:
