@@ -153,6 +153,23 @@ def load_lora(pipe, path: str | os.PathLike, scale: float = 1.0) -> Path:
     return p
 
 
+def generate_flux2(model: str, prompt: str, seed: int, *, device=None, steps: int = 4, size: int = 64,
+                   guidance: float = 4.0, max_sequence_length: int = 512, lora: str | os.PathLike | None = None,
+                   lora_scale: float = 1.0) -> torch.Tensor:
+    """One FLUX.2 [klein] image [3, size, size] in [0, 1] through the stock Flux2KleinPipeline (the
+    tiny preset or a folder), with a trained LoRA loaded by `load_lora`. InferenceSession's
+    measurements (stage times, memory, leaks) are FLUX.1-only for now."""
+    device = torch.device(device or default_device())
+    pipe = load_pipeline(model, device, default_dtype(device))
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        load_lora(pipe, lora, lora_scale)
+    gen = torch.Generator("cpu").manual_seed(int(seed))  # the same seed gives the same noise on every device
+    out = pipe(prompt=prompt, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance,
+               generator=gen, max_sequence_length=max_sequence_length, output_type="pt").images  # [1, 3, H, W]
+    return out[0]
+
+
 # --- the session -----------------------------------------------------------------------------
 class InferenceSession:
     """One pipeline plus its options; generates, and measures latency, memory, leaks, determinism.

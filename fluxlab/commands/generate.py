@@ -26,15 +26,22 @@ def run(a) -> int:
     import io
 
     from fluxlab._atomic import atomic_write_bytes
-    from fluxlab.inference import InferenceSession, to_pil
+    from fluxlab.inference import InferenceSession, generate_flux2, lora_file, to_pil
+    from fluxlab.models import family_of
 
     if a.lora_scale != 1.0 and not a.lora:
         raise UserError("--lora-scale needs --lora PATH (the LoRA to scale)")
-    session = InferenceSession(a.model, a.device, steps=a.steps, size=a.size,
-                               max_sequence_length=a.max_sequence_length, lora=a.lora, lora_scale=a.lora_scale)
-    image, _ = session.generate(a.prompt, a.seed)  # [3, size, size] in [0, 1]
+    if family_of(a.model) == "flux2":
+        lora = lora_file(a.lora) if a.lora else None  # a bad path fails here, before any model loads
+        image = generate_flux2(a.model, a.prompt, a.seed, device=a.device, steps=a.steps, size=a.size,
+                               max_sequence_length=a.max_sequence_length, lora=lora, lora_scale=a.lora_scale)
+    else:
+        session = InferenceSession(a.model, a.device, steps=a.steps, size=a.size,
+                                   max_sequence_length=a.max_sequence_length, lora=a.lora, lora_scale=a.lora_scale)
+        image, _ = session.generate(a.prompt, a.seed)  # [3, size, size] in [0, 1]
+        lora = session.lora
     buf = io.BytesIO()
     to_pil(image).save(buf, format="PNG")
     path = atomic_write_bytes(a.out, buf.getvalue())
-    print(f"image written to {path}" + (f" (LoRA {session.lora} at scale {a.lora_scale:g})" if a.lora else ""))
+    print(f"image written to {path}" + (f" (LoRA {lora} at scale {a.lora_scale:g})" if a.lora else ""))
     return 0

@@ -198,3 +198,28 @@ def test_flux2_steps_on_random_batches_without_data(home, tmp_path):
     assert "pooled" not in batch and batch["mean"].shape == (2, 32, 8, 8)
     losses = [t.step([batch])["loss"].item() for _ in range(3)]
     assert all(np.isfinite(losses)) and losses[-1] != losses[0]
+
+
+def test_fluxlab_generate_uses_the_trained_flux2_lora(cli_run, tmp_path, capsys):
+    """`fluxlab generate --model tiny-flux2 --lora DIR` writes an image that the LoRA changed, and the
+    same seed gives the same image; a missing LoRA is one line and writes nothing."""
+    from PIL import Image
+
+    from fluxlab.cli import main
+
+    def gen(name, *extra):
+        out = tmp_path / f"{name}.png"
+        args = ["generate", "--model", "tiny-flux2", "--prompt", "a large red circle at the center", "--steps", "2",
+                "--size", "64", "--max-sequence-length", "64", "--device", "cpu", "--out", str(out), *extra]
+        assert main(args) == 0
+        return np.asarray(Image.open(out), dtype=np.float32)                     # [64, 64, 3]
+
+    base, with_lora, again = gen("base"), gen("lora", "--lora", str(cli_run)), gen("again", "--lora", str(cli_run))
+    assert base.shape == (64, 64, 3) and base.std() > 0
+    assert np.array_equal(with_lora, again)
+    assert np.abs(with_lora - base).max() > 0
+    capsys.readouterr()
+    missing = tmp_path / "nothing"
+    assert main(["generate", "--model", "tiny-flux2", "--lora", str(missing), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(missing) in err[0] and not (tmp_path / "x.png").exists()
