@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from diffusers import FluxPipeline
+from diffusers import Flux2KleinPipeline, FluxPipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
 from fluxlab.caches import LatentCache
@@ -73,8 +73,6 @@ def flux2_flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: 
     prompt_embeds: the text encoder's stacked hidden states  [B, S, D]
     noise, u, scheduler: as in `flow_matching_loss`; the timestep index is clamped the same way.
     """
-    from diffusers import Flux2KleinPipeline
-
     B = latents.shape[0]
     n_train = scheduler.config.num_train_timesteps
     indices = (u.cpu() * n_train).long().clamp_(0, n_train - 1)            # [B]
@@ -102,8 +100,6 @@ def flux2_flow_matching_loss(transformer, latents: torch.Tensor, prompt_embeds: 
 def flux2_latents(mean: torch.Tensor, bn_mean: torch.Tensor, bn_std: torch.Tensor) -> torch.Tensor:
     """x0 of FLUX.2: the VAE's mode (its mean), patchified 2x2 and normalised by the VAE's latent
     batch-norm statistics. mean [B, C, h, w] -> [B, 4C, h/2, w/2]; bn_* [4C]."""
-    from diffusers import Flux2KleinPipeline
-
     x = Flux2KleinPipeline._patchify_latents(mean.float())
     return (x - bn_mean.view(1, -1, 1, 1)) / bn_std.view(1, -1, 1, 1)
 
